@@ -1,0 +1,16 @@
+"""Configuration: schema dataclasses, Hydra composition, validation."""
+
+from rangedispatch.config.loader import compose_config, config_dir, hardware_profiles, load_config, to_schema
+from rangedispatch.config.schema import (
+    CompileConfig,
+    DispatchConfig,
+    FusionConfig,
+    FusionThresholds,
+    HardwareConfig,
+    RangeDispatchConfig,
+)
+
+__all__ = [
+    "CompileConfig", "DispatchConfig", "FusionConfig", "FusionThresholds", "HardwareConfig",
+    "RangeDispatchConfig", "compose_config", "config_dir", "hardware_profiles", "load_config", "to_schema",
+]

@@ -1,0 +1,136 @@
+"""Compose the configuration with Hydra and validate it into ``RangeDispatchConfig``.
+
+Hydra's ``initialize``/``compose`` keep global state and refuse to run inside a host application that
+already initialized Hydra; clearing the host's state would break it. So the library drives Hydra's
+config loader directly: same config files, same override grammar, no global state touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from rangedispatch.config.build import build_dataclass
+from rangedispatch.config.schema import (
+    CompileConfig,
+    DispatchConfig,
+    FusionConfig,
+    HardwareConfig,
+    RangeDispatchConfig,
+)
+from rangedispatch.errors import ConfigError
+
+CONFIG_NAME = "config"
+BASE_CONFIG_NAME = "rangedispatch_base"
+
+
+def config_dir() -> Path:
+    """The folder holding config.yaml: shipped inside the package when installed from a wheel
+    (``rangedispatch/conf``), the repository's ``conf/`` in a source checkout."""
+    packaged = Path(__file__).resolve().parents[1] / "conf"
+    if (packaged / f"{CONFIG_NAME}.yaml").is_file():
+        return packaged
+    source = Path(__file__).resolve().parents[2] / "conf"
+    if (source / f"{CONFIG_NAME}.yaml").is_file():
+        return source
+    raise FileNotFoundError(f"rangedispatch config files not found in {packaged} nor {source}")
+
+
+def hardware_profiles(extra_dirs: Sequence[Union[str, Path]] = ()) -> list[str]:
+    names = set()
+    for d in [config_dir(), *map(Path, extra_dirs)]:
+        names.update(p.stem for p in (d / "hardware").glob("*.yaml"))
+    return sorted(names)
+
+
+def register_base_config() -> None:
+    """Register the schema defaults (minus the hardware profile, which comes from its group) as the
+    base node config.yaml builds on: the dataclasses stay the one source of every default, and every
+    schema key can be overridden from the command line without a '+'."""
+    from hydra.core.config_store import ConfigStore
+
+    base = {
+        "dispatch": dataclasses.asdict(DispatchConfig()),
+        "compile": dataclasses.asdict(CompileConfig()),
+        "fusion": dataclasses.asdict(FusionConfig()),
+    }
+    ConfigStore.instance().store(name=BASE_CONFIG_NAME, node=base)
+
+
+def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[str, Path]] = ()) -> Any:
+    """The composed ``DictConfig`` (no validation). ``config_dirs`` adds folders searched before the
+    built-in ones, e.g. one holding ``hardware/my_gpu.yaml`` written by ``rangedispatch-tune``."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.errors import HydraException, MissingConfigException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    register_base_config()
+    search_path = create_config_search_path(f"file://{config_dir()}")
+    for d in reversed(list(config_dirs)):
+        search_path.prepend("rangedispatch-user", f"file://{os.path.abspath(d)}")
+    loader = ConfigLoaderImpl(config_search_path=search_path)
+    try:
+        cfg = loader.load_configuration(
+            config_name=CONFIG_NAME, overrides=list(overrides), run_mode=RunMode.RUN, from_shell=False
+        )
+    except MissingConfigException as e:
+        if "hardware" in str(e):
+            wanted = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hardware"), "?")
+            raise ConfigError(
+                f"hardware={wanted!r} is not a known hardware profile; available: "
+                f"{', '.join(hardware_profiles(config_dirs))}"
+            ) from None
+        raise ConfigError(str(e)) from None
+    except HydraException as e:
+        raise ConfigError(_explain_hydra_error(e)) from None
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def load_config(
+    overrides: Optional[Sequence[str]] = None, config_dirs: Sequence[Union[str, Path]] = ()
+) -> RangeDispatchConfig:
+    """Compose ``conf/config.yaml`` with Hydra ``overrides`` (``["hardware=cpu",
+    "dispatch.split_points=[8,32]"]``) and validate it. Raises ``ConfigError`` at load time, not when a
+    value is first read."""
+    return to_schema(compose_config(overrides or (), config_dirs))
+
+
+def to_schema(cfg: Any) -> RangeDispatchConfig:
+    """Validate a ``DictConfig``, plain mapping or ``RangeDispatchConfig`` into ``RangeDispatchConfig``."""
+    if isinstance(cfg, RangeDispatchConfig):
+        return cfg
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(cfg, DictConfig):
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {e.msg if hasattr(e, 'msg') else e}") from None
+    if "hardware" not in cfg:
+        raise ConfigError("hardware is required: select a profile, e.g. hardware=cpu; available: "
+                          + ", ".join(hardware_profiles()))
+    return build_dataclass(RangeDispatchConfig, cfg, "")
+
+
+def _explain_hydra_error(e: Exception) -> str:
+    """Hydra says 'Key 'foo' is not in struct' for a typo; add which keys exist there."""
+    text = str(e)
+    cause = e.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if full_key and "not in struct" in str(cause):
+        from rangedispatch.config.build import _field_names
+
+        parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+        section = {"dispatch": DispatchConfig, "compile": CompileConfig, "fusion": FusionConfig,
+                   "hardware": HardwareConfig}.get(parent)
+        allowed = _field_names(section) if section else ["dispatch", "compile", "fusion", "hardware"]
+        return f"unknown key {full_key!r}; allowed keys under {parent or 'the root'}: {', '.join(allowed)}"
+    return text

@@ -1,0 +1,171 @@
+"""The configuration schema: what each key means, its type and default, validated on construction.
+
+The same dataclasses serve both ways in: composed from YAML + overrides by ``load_config`` (the
+loader rejects unknown keys), or built in code (``RangeDispatchConfig(dispatch=DispatchConfig(...))``).
+Either way ``__post_init__`` checks every value and raises ``ConfigError`` with the full key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+from rangedispatch.config.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_str,
+    fail,
+    is_int,
+)
+
+OUT_OF_RANGE_MODES = ("error", "eager", "compile")
+MAX_AUTOTUNE_MODES = ("never", "single_sizes", "always")
+FUSED_BACKENDS = ("auto", "reference", "flashinfer")
+
+
+@dataclass
+class DispatchConfig:
+    """How calls are split into token-count ranges."""
+
+    SECTION: ClassVar[str] = "dispatch"
+
+    # Token counts at which one range ends and the next begins: [8, 32] with max 8192 gives
+    # [1,8] [9,32] [33,8192]. Each must be an integer in [1, max_num_tokens - 1]; order and
+    # duplicates do not matter. Passes may add split points of their own (fusion adds its threshold).
+    split_points: list[int] = field(default_factory=list)
+    # Token counts that get a graph of their own, compiled for exactly that size (static shapes,
+    # max-autotune by default). Each wins over the range containing it. Integers in [1, max_num_tokens].
+    compile_sizes: list[int] = field(default_factory=list)
+    # Largest token count the ranges cover; the last range ends here. Integer >= 1.
+    max_num_tokens: int = 8192
+    # Which input's size is the token count: a position in the forward call's arguments (int >= 0)
+    # or a parameter name (str).
+    token_arg: Union[int, str] = 0
+    # Which dimension(s) of that input count tokens: an int, or a list whose product is the token
+    # count ([0, 1] for [batch, seq, hidden] inputs). Negative dims count from the end.
+    token_dim: Union[int, list[int]] = 0
+    # A call outside [1, max_num_tokens]: "error" raises, "eager" runs the plain module, "compile"
+    # compiles a single-size graph for that count (at most max_extra_sizes of them).
+    out_of_range: str = "error"
+    # Bound on the single-size graphs out_of_range="compile" may add, so that a stream of odd sizes
+    # cannot compile without end. Integer >= 0.
+    max_extra_sizes: int = 16
+
+    def __post_init__(self) -> None:
+        k = self.SECTION
+        self.max_num_tokens = check_int(f"{k}.max_num_tokens", self.max_num_tokens, lo=1)
+        self.split_points = check_int_list(f"{k}.split_points", self.split_points, 1, self.max_num_tokens - 1)
+        self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, 1, self.max_num_tokens)
+        if not (is_int(self.token_arg) and self.token_arg >= 0) and not (
+            isinstance(self.token_arg, str) and self.token_arg.isidentifier()
+        ):
+            raise fail(f"{k}.token_arg", self.token_arg, "an argument position (int >= 0) or parameter name (str)")
+        dims = self.token_dim if isinstance(self.token_dim, (list, tuple)) else [self.token_dim]
+        if not dims or not all(is_int(d) for d in dims) or len(set(dims)) != len(dims):
+            raise fail(f"{k}.token_dim", self.token_dim, "an int or a non-empty list of distinct ints")
+        self.token_dim = list(dims) if isinstance(self.token_dim, (list, tuple)) else self.token_dim
+        check_choice(f"{k}.out_of_range", self.out_of_range, OUT_OF_RANGE_MODES)
+        check_int(f"{k}.max_extra_sizes", self.max_extra_sizes, lo=0)
+
+    @property
+    def token_dims(self) -> list[int]:
+        return list(self.token_dim) if isinstance(self.token_dim, list) else [self.token_dim]
+
+
+@dataclass
+class CompileConfig:
+    """How each range's graph is compiled by Inductor."""
+
+    SECTION: ClassVar[str] = "compile"
+
+    # Inductor max-autotune for "never" no graph, "single_sizes" the static single-size graphs only
+    # (tuning pays for a fixed size and costs compile time everywhere), "always" every graph.
+    max_autotune: str = "single_sizes"
+
+    def __post_init__(self) -> None:
+        check_choice(f"{self.SECTION}.max_autotune", self.max_autotune, MAX_AUTOTUNE_MODES)
+
+
+@dataclass
+class FusionConfig:
+    """The all-reduce -> (+ residual) -> RMSNorm (-> FP8 quant) fusion."""
+
+    SECTION: ClassVar[str] = "fusion"
+
+    # Replace the pattern by one fused op in the ranges where the hardware profile says it pays.
+    enabled: bool = True
+    # Kernel behind the fused op: "auto" takes the hardware profile's choice and falls back to
+    # "reference" (all-reduce through the process group + eager-equal math) where it cannot run.
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_bool(f"{self.SECTION}.enabled", self.enabled)
+        check_choice(f"{self.SECTION}.backend", self.backend, FUSED_BACKENDS)
+
+
+@dataclass
+class FusionThresholds:
+    """Where each all-reduce tier pays, in bytes of one rank's all-reduce input (tokens x hidden x
+    dtype size), for one world size."""
+
+    # Fuse all-reduce + residual + RMSNorm (+ quant) up to this size; 0 never fuses.
+    fused_max_bytes: int = 0
+    # Within the fused sizes, the one-shot kernel up to this size and two-shot above it.
+    oneshot_max_bytes: int = 0
+
+
+@dataclass
+class HardwareConfig:
+    """A hardware profile (conf/hardware/NAME.yaml): measured thresholds for one kind of machine."""
+
+    SECTION: ClassVar[str] = "hardware"
+
+    # Profile name (the file name without .yaml).
+    name: str = "cpu"
+    # Kernel the fused op uses on this hardware: "reference" or "flashinfer".
+    fused_backend: str = "reference"
+    # Thresholds per world size: keys are world sizes as strings ("2", "4", "8") or "default" for
+    # any world size not listed.
+    thresholds: dict[str, FusionThresholds] = field(default_factory=lambda: {"default": FusionThresholds()})
+
+    def __post_init__(self) -> None:
+        k = self.SECTION
+        check_str(f"{k}.name", self.name)
+        check_choice(f"{k}.fused_backend", self.fused_backend, FUSED_BACKENDS[1:])
+        if not isinstance(self.thresholds, dict) or not self.thresholds:
+            raise fail(f"{k}.thresholds", self.thresholds, "a mapping of world size (or 'default') to thresholds")
+        normalized = {}
+        for ws, t in self.thresholds.items():
+            ws = str(ws)
+            if ws != "default" and not (ws.isdigit() and int(ws) >= 1):
+                raise fail(f"{k}.thresholds.{ws}", ws, "a world size (integer >= 1) or 'default' as key")
+            if isinstance(t, dict):
+                t = FusionThresholds(**t)
+            if not isinstance(t, FusionThresholds):
+                raise fail(f"{k}.thresholds.{ws}", t, "a mapping with fused_max_bytes, oneshot_max_bytes")
+            check_int(f"{k}.thresholds.{ws}.fused_max_bytes", t.fused_max_bytes, lo=0)
+            check_int(f"{k}.thresholds.{ws}.oneshot_max_bytes", t.oneshot_max_bytes, lo=0)
+            normalized[ws] = t
+        self.thresholds = normalized
+
+    def thresholds_for(self, world_size: int) -> FusionThresholds:
+        """The thresholds for ``world_size``; a profile without that size nor a default never fuses."""
+        return self.thresholds.get(str(world_size)) or self.thresholds.get("default") or FusionThresholds()
+
+
+@dataclass
+class RangeDispatchConfig:
+    """Everything RangeCompiledModule reads."""
+
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("dispatch", DispatchConfig), ("compile", CompileConfig),
+                          ("fusion", FusionConfig), ("hardware", HardwareConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise fail(name, getattr(self, name), f"a {cls.__name__}")
