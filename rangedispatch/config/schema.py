@@ -52,6 +52,12 @@ class DispatchConfig:
     # Bound on the single-size graphs out_of_range="compile" may add, so that a stream of odd sizes
     # cannot compile without end. Integer >= 0.
     max_extra_sizes: int = 16
+    # After tracing, call Dynamo's transformed forward directly instead of through Dynamo's guards
+    # (as vLLM does): ~10 us less per call on a CPU core. The wrapper still checks the token input's
+    # dtype, device and rank, grad mode and module.training, and takes the guarded path when any
+    # differs, for 1-token calls, and when the trace has graph breaks. Set false if other inputs or
+    # module attributes change between calls in ways the graph depends on.
+    skip_dynamo_guards: bool = True
 
     def __post_init__(self) -> None:
         k = self.SECTION
@@ -68,6 +74,7 @@ class DispatchConfig:
         self.token_dim = list(dims) if isinstance(self.token_dim, (list, tuple)) else self.token_dim
         check_choice(f"{k}.out_of_range", self.out_of_range, OUT_OF_RANGE_MODES)
         check_int(f"{k}.max_extra_sizes", self.max_extra_sizes, lo=0)
+        check_bool(f"{k}.skip_dynamo_guards", self.skip_dynamo_guards)
 
     @property
     def token_dims(self) -> list[int]:

@@ -1,0 +1,202 @@
+"""Per-range lazy compilation of the graphs Dynamo hands to our backend.
+
+Dynamo traces the model once with the token dimension symbolic and calls ``GraphCache.backend``
+for every graph it produces (one per graph break). Each becomes a ``RangeGraph``: a callable that
+Dynamo runs in place of the graph, which reads the range of the current forward call (set by the
+wrapper in a thread-local) and runs that range's Inductor artifact, compiling it on first use.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx
+
+from rangedispatch import match_record
+from rangedispatch.passes import GraphPass, RangePassPipeline
+from rangedispatch.ranges import Range
+
+log = logging.getLogger("rangedispatch")
+
+# The current forward call is still tracing: graphs run eagerly and ranges are not final yet.
+TRACING = "tracing"
+
+
+@dataclass
+class CompileRecord:
+    """What compiling one graph for one range did."""
+
+    seconds: float
+    passes: list[str]
+    matches: dict[str, int]
+    cache_hit: bool
+    static: bool
+
+
+@dataclass
+class CompilePolicy:
+    """How ranges are compiled, read from the config by the wrapper."""
+
+    passes_for: Callable[[Range], list[GraphPass]]
+    max_autotune_for: Callable[[Range], bool]
+    token_dims: Sequence[int] = field(default_factory=lambda: [0])
+
+
+def _free_symbols(values: Sequence[Any]) -> set:
+    symbols = set()
+    for v in values:
+        if isinstance(v, torch.SymInt):
+            symbols |= v.node.expr.free_symbols
+        elif isinstance(v, torch.Tensor):
+            for s in (*v.shape, *v.stride()):
+                if isinstance(s, torch.SymInt):
+                    symbols |= s.node.expr.free_symbols
+    return symbols
+
+
+def _concrete(v: Any, bindings: dict) -> Any:
+    """A real value standing in for the fake placeholder ``v`` with its symbols bound."""
+
+    def num(s: Any) -> int:
+        return int(s.node.expr.subs(bindings)) if isinstance(s, torch.SymInt) else int(s)
+
+    if isinstance(v, torch.SymInt):
+        return num(v)
+    if isinstance(v, torch.Tensor):
+        shape = [num(s) for s in v.shape]
+        stride = [num(s) for s in v.stride()]
+        out = torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device)
+        return out.normal_() if out.is_floating_point() else out.zero_()
+    return v
+
+
+class CallState(threading.local):
+    """Per thread: the Range of the forward call in progress (TRACING while tracing, else None)."""
+
+    range: Any = None
+
+
+class RangeGraph:
+    """One Dynamo graph and its compiled artifact per range."""
+
+    def __init__(self, cache: "GraphCache", index: int, gm: torch.fx.GraphModule, traced_at: Optional[int]):
+        self.cache = cache
+        self.state = cache.state
+        self.index = index
+        self.gm = gm
+        self.traced_at = traced_at  # token count of the call that traced it
+        self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        self.symbols = _free_symbols(self.fakes)
+        self.artifacts: dict[Range, Callable] = {}
+        self.records: dict[Range, CompileRecord] = {}
+
+    @property
+    def is_symbolic(self) -> bool:
+        return bool(self.symbols)
+
+    def __call__(self, *args: Any) -> Any:
+        r = self.state.range
+        fn = self.artifacts.get(r)
+        if fn is None:
+            if not isinstance(r, Range):  # tracing call (or a call that bypassed the wrapper)
+                return self.gm(*args)
+            fn = self.compile(r, args)
+        return fn(*args)
+
+    def can_compile_without_inputs(self, r: Range) -> bool:
+        return not (r.is_single_size and self.is_symbolic) or len(self.symbols) == 1
+
+    def compile(self, r: Range, args: Optional[Sequence[Any]] = None) -> Callable:
+        """Compile for ``r`` once (concurrent callers wait for the first). Single-size ranges are
+        compiled static, from the call's inputs or, in warmup, from inputs made to that size."""
+        with self.cache.compile_lock:
+            fn = self.artifacts.get(r)
+            if fn is not None:
+                return fn
+            static = r.is_single_size or not self.is_symbolic
+            if r.is_single_size and self.is_symbolic:
+                if args is None:
+                    (sym,) = self.symbols
+                    args = [_concrete(v, {sym: r.start}) for v in self.fakes]
+                inputs = list(args)
+            else:
+                inputs = self.fakes
+            fn, record = self.cache.compile_graph(self.gm, inputs, r, static, symbolic=inputs is self.fakes)
+            self.records[r] = record
+            self.artifacts[r] = fn
+            name = f"graph {self.index} " if len(self.cache.graphs) > 1 else ""
+            log.info(
+                "compiled %s%s in %.1f s%s, passes: %s, matches: %s",
+                name, r, record.seconds, " (Inductor cache hit)" if record.cache_hit else "",
+                ", ".join(record.passes) or "none", record.matches or "none",
+            )
+            return fn
+
+
+class GraphCache:
+    """Every graph of one wrapped model, the Dynamo backend that collects them, and the compiler."""
+
+    def __init__(self, policy: CompilePolicy, on_new_graph: Callable[[torch.fx.GraphModule], None]):
+        self.policy = policy
+        self.on_new_graph = on_new_graph
+        self.graphs: list[RangeGraph] = []
+        self.state = CallState()
+        self.compile_lock = threading.RLock()  # Inductor is not thread-safe; one compile at a time
+        self.traced_at: Optional[int] = None
+
+    def backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        """The ``torch.compile`` backend: keep the graph, compile nothing yet."""
+        self.on_new_graph(gm)
+        graph = RangeGraph(self, len(self.graphs), gm, self.traced_at)
+        self.graphs.append(graph)
+        log.debug("traced graph %d (%d nodes, symbolic: %s)", graph.index, len(gm.graph.nodes), graph.is_symbolic)
+        return graph
+
+    def compile_graph(
+        self, gm: torch.fx.GraphModule, inputs: list, r: Range, static: bool, symbolic: bool
+    ) -> tuple[Callable, CompileRecord]:
+        from torch._dynamo.utils import counters
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        passes = self.policy.passes_for(r)
+        pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass)
+        gm_copy = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # passes must not touch the shared graph
+        hits_before = counters["inductor"]["fxgraph_cache_hit"]
+        start = time.perf_counter()
+        patch = {"post_grad_custom_post_pass": pipeline}
+        if self.policy.max_autotune_for(r):
+            patch["max_autotune"] = True
+        with inductor_config.patch(patch):
+            if symbolic:
+                fake_mode = torch._guards.detect_fake_mode(inputs)
+                with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+                    fn = compile_fx(gm_copy, inputs)
+            else:
+                fn = compile_fx(gm_copy, inputs)
+        seconds = time.perf_counter() - start
+        cache_hit = counters["inductor"]["fxgraph_cache_hit"] > hits_before
+        matches = self._matches(gm, inputs, pipeline)
+        return fn, CompileRecord(seconds, [p.name for p in passes], matches, cache_hit, static)
+
+    @staticmethod
+    def _matches(gm: torch.fx.GraphModule, inputs: list, pipeline: RangePassPipeline) -> dict[str, int]:
+        if not pipeline.passes:
+            return {}
+        uuid = pipeline.uuid()
+        meta = repr([(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__ for v in inputs])
+        key = match_record.record_key(gm.code, meta, str(uuid))
+        if pipeline.matches is not None:
+            match_record.save(key, pipeline.matches)
+            return dict(pipeline.matches)
+        recorded = match_record.load(key)
+        if recorded is None:
+            log.warning("Inductor cache hit for %s without a match record: match counts unknown (-1)", pipeline.range)
+            return {p.name: -1 for p in pipeline.passes}
+        return recorded

@@ -1,0 +1,71 @@
+"""Graph passes that run per range, and the Inductor custom pass that carries them.
+
+A ``GraphPass`` sees every traced graph before ranges are final (``split_points``: it may ask for
+range boundaries of its own), says per range whether it ``applies``, and rewrites Inductor's
+post-grad graph in those ranges. ``RangePassPipeline`` is what Inductor actually runs; its
+``uuid()`` encodes the range and each pass's configuration, because Inductor's FX graph cache keys
+on it: anything less and one range's cached graph comes back for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional, Sequence
+
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from rangedispatch.ranges import Range
+
+
+class GraphPass:
+    """Base class of per-range passes. Subclasses set ``name`` and override what they need."""
+
+    name: str = "pass"
+
+    def split_points(self, gm: torch.fx.GraphModule) -> Sequence[int]:
+        """Token counts where this pass wants a range to end, read off one traced (pre-grad) graph.
+        Called for every graph Dynamo produces, before the ranges are final."""
+        return ()
+
+    def applies(self, r: Range) -> bool:
+        return True
+
+    def __call__(self, graph: torch.fx.Graph) -> int:
+        """Rewrite the post-grad graph in place; return how many matches were replaced."""
+        raise NotImplementedError
+
+    def config_key(self) -> str:
+        """Everything about this pass that changes its output graph (code version, thresholds,
+        backend...). Part of the Inductor cache key."""
+        return type(self).__qualname__
+
+
+class RangePassPipeline(CustomGraphPass):
+    """The passes that apply to one range, run in order as Inductor's post-grad custom pass."""
+
+    def __init__(self, passes: Sequence[GraphPass], r: Range, previous: Optional[Any] = None):
+        self.passes = list(passes)
+        self.range = r
+        self.previous = previous  # a post-grad custom pass the user had configured: still runs first
+        self.matches: Optional[dict[str, int]] = None  # filled when Inductor runs us (not on a cache hit)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.previous is not None:
+            self.previous(graph)
+        matches = {}
+        for p in self.passes:
+            matches[p.name] = int(p(graph) or 0)
+        graph.lint()
+        self.matches = matches
+
+    def uuid(self) -> Optional[Any]:
+        h = hashlib.sha256(f"rangedispatch-pipeline-v1|{self.range}".encode())
+        for p in self.passes:
+            h.update(f"|{p.name}:{p.config_key()}".encode())
+        if self.previous is not None:
+            prev = self.previous.uuid() if hasattr(self.previous, "uuid") else None
+            if prev is None:
+                return None  # the user's pass is not cacheable: neither are we
+            h.update(f"|previous:{prev}".encode())
+        return h.hexdigest()
