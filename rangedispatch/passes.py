@@ -31,8 +31,8 @@ class GraphPass:
     def applies(self, r: Range) -> bool:
         return True
 
-    def __call__(self, graph: torch.fx.Graph) -> int:
-        """Rewrite the post-grad graph in place; return how many matches were replaced."""
+    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+        """Rewrite the post-grad graph of range ``r`` in place; return how many matches were replaced."""
         raise NotImplementedError
 
     def config_key(self) -> str:
@@ -55,7 +55,7 @@ class RangePassPipeline(CustomGraphPass):
             self.previous(graph)
         matches = {}
         for p in self.passes:
-            matches[p.name] = int(p(graph) or 0)
+            matches[p.name] = int(p(graph, self.range) or 0)
         graph.lint()
         self.matches = matches
 

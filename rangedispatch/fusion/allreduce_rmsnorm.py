@@ -1,0 +1,138 @@
+"""The fusion pass: in ranges where it pays, each all-reduce -> (+ residual) -> RMSNorm (-> FP8
+quant) site becomes one ``fused_allreduce_rmsnorm`` call.
+
+Where it pays comes from the hardware profile, in bytes of one rank's all-reduce input. The pass
+reads bytes per token (hidden x dtype size) and the process group of every all-reduce in the
+traced graphs, turns the most restrictive threshold into a token count and asks for it as a split
+point, so that one range ends exactly where fusion stops paying.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx
+
+from rangedispatch.config.schema import HardwareConfig
+from rangedispatch.fusion.matcher import FusionMatch, find_matches
+from rangedispatch.passes import GraphPass
+from rangedispatch.ranges import Range
+
+log = logging.getLogger("rangedispatch")
+
+PASS_VERSION = 1  # bump when the rewrite changes
+_ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_reduce.default)
+
+
+def group_size(group_name: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name).size()
+
+
+class AllReduceRMSNormFusion(GraphPass):
+    name = "allreduce_rmsnorm"
+
+    def __init__(self, hardware: HardwareConfig, backend: str):
+        import rangedispatch.fusion.op  # noqa: F401  (registers the op before any cached graph calls it)
+
+        self.hardware = hardware
+        self.backend = backend
+        self.max_tokens: Optional[int] = None  # fuse ranges ending at or below this; None: not known yet
+        self.sites: dict[tuple[str, int], int] = {}  # (group, bytes per token) -> fused token limit
+        self.skipped: list[str] = []
+
+    # -- before ranges are final -------------------------------------------------------------
+    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _ALL_REDUCE_TARGETS:
+                continue
+            val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
+            group_name = node.args[2]
+            if not isinstance(val, torch.Tensor):
+                continue
+            static = [s for s in val.shape if not isinstance(s, torch.SymInt)]
+            bytes_per_token = math.prod(static) * val.element_size() if static else val.element_size()
+            self.sites[(group_name, bytes_per_token)] = self._token_limit(group_name, bytes_per_token)
+        if not self.sites:
+            return []
+        limits = self.sites.values()
+        self.max_tokens = min(limits)
+        return [self.max_tokens] if self.max_tokens >= 1 else []
+
+    def _token_limit(self, group_name: str, bytes_per_token: int) -> int:
+        world_size = group_size(group_name)
+        if world_size < 2:
+            log.info("fusion off for group %s: world size %d has nothing to all-reduce across", group_name, world_size)
+            return 0
+        limit = self.hardware.thresholds_for(world_size).fused_max_bytes // bytes_per_token
+        log.info("fusion pays up to %d tokens for group %s (world size %d, %d bytes/token, hardware %s: %d bytes)",
+                 limit, group_name, world_size, bytes_per_token, self.hardware.name,
+                 self.hardware.thresholds_for(world_size).fused_max_bytes)
+        return limit
+
+    def applies(self, r: Range) -> bool:
+        return self.max_tokens is not None and r.end <= self.max_tokens
+
+    # -- inside Inductor -----------------------------------------------------------------------
+    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+        # one site at a time: a rewrite replaces nodes (the next layer's residual) that later
+        # matches would still point at
+        fused, refused = 0, set()
+        while True:
+            matches, skipped = find_matches(graph)
+            todo = [m for m in matches if m.out not in refused]
+            if not todo:
+                break
+            if self._replace(graph, todo[0]):
+                fused += 1
+            else:
+                refused.add(todo[0].out)
+        for reason in skipped:
+            log.info("not fused: %s", reason)
+        self.skipped = skipped
+        return fused
+
+    def _replace(self, graph: torch.fx.Graph, m: FusionMatch) -> bool:
+        from rangedispatch.fusion.op import FUSED_OP
+
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        args_at = max(order[a] for a in (m.input, m.residual, m.weight, m.scale) if isinstance(a, torch.fx.Node))
+        site = set(m.dead)
+        first_use = min((order[u] for n in (m.pre_norm, m.out) for u in n.users if u not in site), default=len(order))
+        if args_at >= first_use:
+            log.info("not fused: %s: an operand is computed after the fused outputs are used", m.input.name)
+            return False
+        anchor = next(n for n in graph.nodes if order[n] == args_at)
+        with graph.inserting_after(anchor):
+            fused = graph.call_function(
+                FUSED_OP, (m.input, m.residual, m.weight, m.scale, m.eps, m.weight_mode, m.group_name, self.backend)
+            )
+        with graph.inserting_after(fused):
+            out = graph.call_function(operator.getitem, (fused, 0))
+        with graph.inserting_after(out):
+            pre_norm = graph.call_function(operator.getitem, (fused, 1))
+        fake_vals = _fake_outputs(fused)
+        fused.meta["val"] = fake_vals
+        out.meta["val"], pre_norm.meta["val"] = fake_vals
+        m.out.replace_all_uses_with(out)
+        m.pre_norm.replace_all_uses_with(pre_norm)
+        for node in reversed(m.dead):
+            if not node.users:
+                graph.erase_node(node)
+        return True
+
+    def config_key(self) -> str:
+        t = sorted((k, v.fused_max_bytes, v.oneshot_max_bytes) for k, v in self.hardware.thresholds.items())
+        return f"v{PASS_VERSION}|{self.hardware.name}|{t}|{self.backend}|max_tokens={self.max_tokens}"
+
+
+def _fake_outputs(node: torch.fx.Node):
+    args = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args]
+    fake_mode = torch._guards.detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
+    with fake_mode:
+        return node.target(*args)

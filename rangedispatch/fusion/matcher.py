@@ -1,0 +1,232 @@
+"""Finding ``all_reduce -> (+ residual) -> RMSNorm (-> static FP8 quant)`` in a post-grad graph.
+
+Inductor's post-grad graph is small and regular at this point (functional collectives, decomposed
+norms: see tests/test_fusion_patterns.py for each form), so the matcher walks it semantically from
+every ``wait_tensor(all_reduce(x, "sum", group))`` instead of tracing one pattern per form, dtype
+and eps. It accepts operands in either order, any eps, 2-D or 3-D activations, and it refuses
+(with a reason) whatever the fused op would compute differently: a norm weight whose dtype differs
+from the activations, intermediates used elsewhere, a reduction other than the last dim, clamp
+bounds other than FP8's range.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx
+
+from rangedispatch.fusion.numerics import FP8_DTYPE
+
+log = logging.getLogger("rangedispatch")
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+funcol = torch.ops._c10d_functional
+
+
+@dataclass
+class FusionMatch:
+    """One site: the all-reduce input, what replaces what, and the nodes that go away."""
+
+    input: torch.fx.Node
+    group_name: str
+    residual: Optional[torch.fx.Node]
+    weight: Optional[torch.fx.Node]
+    scale: Optional[torch.fx.Node]
+    eps: float
+    weight_mode: str
+    pre_norm: torch.fx.Node  # all_reduce(+residual): replaced by the op's second output
+    out: torch.fx.Node  # norm (or quant) output: replaced by the op's first output
+    dead: list[torch.fx.Node] = field(default_factory=list)  # all nodes of the site, in graph order
+
+
+def _is(node: Any, *targets: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _only_user(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _other(node: torch.fx.Node, operand: torch.fx.Node) -> Any:
+    a, b = node.args[:2]
+    return b if a is operand else a if b is operand else None
+
+
+def _is_convert(node: Any, dtype: torch.dtype) -> bool:
+    return _is(node, prims.convert_element_type.default) and node.args[1] == dtype
+
+
+def find_matches(graph: torch.fx.Graph) -> tuple[list[FusionMatch], list[str]]:
+    """All fusable sites and, for the all-reduces that were not fused, why not."""
+    matches, skipped = [], []
+    for node in graph.nodes:
+        if not _is(node, funcol.wait_tensor.default) or not _is(node.args[0], funcol.all_reduce.default):
+            continue
+        result = _match_site(node)
+        if isinstance(result, FusionMatch):
+            matches.append(result)
+        else:
+            skipped.append(f"{node.args[0].name}: {result}")
+    return matches, skipped
+
+
+def _match_site(wait: torch.fx.Node) -> Any:
+    ar = wait.args[0]
+    x, reduce_op, group_name = ar.args[:3]
+    if reduce_op != "sum":
+        return f"reduce op {reduce_op!r} is not sum"
+    if len(ar.users) != 1:
+        return "the all_reduce result has users besides its wait"
+    xv = _val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"input dtype {getattr(xv, 'dtype', None)} is not bf16, fp16 or fp32"
+    dtype = xv.dtype
+
+    residual, pre_norm, dead = None, wait, [ar, wait]
+    adds = [u for u in wait.users if _is(u, aten.add.Tensor)]
+    if len(wait.users) == 1 and len(adds) == 1:
+        cand = _other(adds[0], wait)
+        cv = _val(cand)
+        if isinstance(cv, torch.Tensor) and cv.dtype == dtype and cv.shape == xv.shape:
+            residual, pre_norm = cand, adds[0]
+            dead.append(pre_norm)
+    norm = _match_norm(pre_norm, dtype)
+    if isinstance(norm, str):
+        return norm
+    norm_nodes, eps, weight, weight_mode, out = norm
+    dead += norm_nodes
+    scale, out, quant_nodes = _match_quant(out, dtype)
+    dead += quant_nodes
+    return FusionMatch(x, group_name, residual, weight, scale, eps, weight_mode, pre_norm, out, dead)
+
+
+def _match_norm(h: torch.fx.Node, dtype: torch.dtype) -> Any:
+    """``(nodes, eps, weight, weight_mode, out)`` for the RMSNorm reading ``h``, or why there is none."""
+    nodes = []
+    if dtype == torch.float32:
+        h32 = h
+    else:
+        h32 = next((u for u in h.users if _is_convert(u, torch.float32)), None)
+        if h32 is None:
+            return "no RMSNorm follows (no fp32 upcast of the pre-norm value)"
+        nodes.append(h32)
+    square = next((u for u in h32.users if (_is(u, aten.pow.Tensor_Scalar) and u.args[1] == 2)
+                   or (_is(u, aten.mul.Tensor) and u.args[0] is h32 and u.args[1] is h32)), None)
+    if square is None:
+        return "no RMSNorm follows (no square of the pre-norm value)"
+    mean = _only_user(square)
+    ndim = _val(h).dim()
+    if not _is(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [ndim - 1]) or not (
+        len(mean.args) > 2 and mean.args[2] or mean.kwargs.get("keepdim")
+    ):
+        return "the square is not averaged over the last dim with keepdim"
+    add_eps = _only_user(mean)
+    if not _is(add_eps, aten.add.Tensor, aten.add.Scalar) or add_eps.args[0] is not mean or not isinstance(
+        add_eps.args[1], (int, float)
+    ):
+        return "no constant eps added to the mean square"
+    rsqrt = _only_user(add_eps)
+    if not _is(rsqrt, aten.rsqrt.default):
+        return "no rsqrt of the mean square"
+    normed = _only_user(rsqrt)
+    if not _is(normed, aten.mul.Tensor) or _other(normed, rsqrt) is not h32:
+        return "rsqrt does not scale the pre-norm value"
+    allowed_h32_users = {square, normed}
+    if set(h32.users) - allowed_h32_users and h32 is not h:
+        return "the fp32 pre-norm value has other users"
+    nodes += [square, mean, add_eps, rsqrt, normed]
+    weighted = _match_weight(normed, dtype)
+    if isinstance(weighted, str):
+        return weighted
+    weight_nodes, weight, weight_mode, out = weighted
+    if weight is not None:
+        wv = _val(weight)
+        if not isinstance(wv, torch.Tensor) or wv.dim() != 1 or wv.shape[0] != _val(h).shape[-1]:
+            return "the norm weight is not a 1-D tensor of the hidden size"
+        if wv.dtype != dtype:
+            return f"norm weight dtype {wv.dtype} differs from activation dtype {dtype} (fusing would change numerics)"
+    return nodes + weight_nodes, float(add_eps.args[1]), weight, weight_mode, out
+
+
+def _is_hidden_vector(node: Any) -> bool:
+    v = _val(node)
+    return isinstance(v, torch.Tensor) and v.dim() == 1
+
+
+def _match_weight(normed: torch.fx.Node, dtype: torch.dtype) -> Any:
+    """``(nodes, weight, mode, out)`` for how the weight is applied to the fp32 normed value."""
+    user = _only_user(normed)
+    fp32 = dtype == torch.float32
+    if fp32:
+        if _is(user, aten.mul.Tensor):
+            w = _other(user, normed)
+            if _is_hidden_vector(w):
+                return [user], w, "standard", user
+            if _is(w, aten.add.Tensor) and w.args[1] == 1.0 and _is_hidden_vector(w.args[0]) and len(w.users) == 1:
+                return [w, user], w.args[0], "gemma", user
+        return [], None, "none", normed
+    if _is_convert(user, dtype):  # llama: cast, then scale in the input dtype
+        scaler = _only_user(user)
+        if _is(scaler, aten.mul.Tensor) and _is_hidden_vector(_other(scaler, user)):
+            return [user, scaler], _other(scaler, user), "llama", scaler
+        return [user], None, "none", user
+    if _is(user, aten.mul.Tensor):
+        w = _other(user, normed)
+        cast = _only_user(user)
+        if not _is_convert(cast, dtype):
+            return "the weighted norm is not cast back to the input dtype"
+        if _is_hidden_vector(w) and _val(w).dtype == dtype:
+            return [user, cast], w, "standard", cast
+        if (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and len(w.users) == 1
+                and _is_convert(w.args[0], torch.float32) and len(w.args[0].users) == 1
+                and _is_hidden_vector(w.args[0].args[0])):
+            return [w.args[0], w, user, cast], w.args[0].args[0], "gemma", cast
+        if _is_hidden_vector(w):
+            return f"norm weight dtype {_val(w).dtype} differs from activation dtype {dtype} (fusing would change numerics)"
+        return "the norm output is scaled by something other than a weight vector"
+    return "the normed value is neither cast nor scaled by a weight"
+
+
+def _match_quant(out: torch.fx.Node, dtype: torch.dtype) -> tuple[Optional[torch.fx.Node], torch.fx.Node, list]:
+    """``(scale, new out, nodes)`` when ``out`` only feeds a static FP8 quant, else ``(None, out, [])``."""
+    user = _only_user(out)
+    nodes = []
+    if dtype != torch.float32:
+        if not _is_convert(user, torch.float32):
+            return None, out, []
+        nodes.append(user)
+        src, user = user, _only_user(user)
+    else:
+        src = out
+    if not _is(user, aten.div.Tensor) or user.args[0] is not src:
+        return None, out, []
+    scale = user.args[1]
+    sv = _val(scale)
+    if not isinstance(sv, torch.Tensor) or sv.numel() != 1 or sv.dtype != torch.float32:
+        return None, out, []
+    nodes.append(user)
+    info = torch.finfo(FP8_DTYPE)
+    nxt = _only_user(user)
+    if _is(nxt, aten.clamp.default) and tuple(nxt.args[1:3]) == (info.min, info.max):
+        nodes.append(nxt)
+    elif _is(nxt, aten.clamp_min.default) and nxt.args[1] == info.min:
+        upper = _only_user(nxt)
+        if not (_is(upper, aten.clamp_max.default) and upper.args[1] == info.max):
+            return None, out, []
+        nodes += [nxt, upper]
+        nxt = upper
+    else:
+        return None, out, []
+    cast = _only_user(nxt)
+    if not _is_convert(cast, FP8_DTYPE):
+        return None, out, []
+    return scale, cast, nodes + [cast]
