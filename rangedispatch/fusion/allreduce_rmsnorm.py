@@ -110,7 +110,9 @@ class AllReduceRMSNormFusion(GraphPass):
         anchor = next(n for n in graph.nodes if order[n] == args_at)
         with graph.inserting_after(anchor):
             fused = graph.call_function(
-                FUSED_OP, (m.input, m.residual, m.weight, m.scale, m.eps, m.weight_mode, m.group_name, self.backend)
+                FUSED_OP,
+                (m.input, m.residual, m.weight, m.scale, m.eps, m.weight_mode, m.group_name, self.backend,
+                 self.hardware.thresholds_for(group_size(m.group_name)).oneshot_max_bytes, self.max_tokens or 1),
             )
         with graph.inserting_after(fused):
             out = graph.call_function(operator.getitem, (fused, 0))

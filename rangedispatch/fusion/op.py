@@ -26,14 +26,20 @@ def fused_allreduce_rmsnorm(
     weight_mode: str,
     group_name: str,
     backend: str,
+    oneshot_max_bytes: int,
+    max_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from rangedispatch.fusion.backends import run_fused
+    """``oneshot_max_bytes``: GPU backends use their one-shot kernel up to this input size (bytes per
+    rank) and two-shot above. ``max_tokens``: the largest token count fused, which sizes their
+    workspace. The reference backend ignores both."""
+    from rangedispatch.fusion.backends import FusedCall, run_fused
 
-    return run_fused(backend, input, residual, weight, scale, eps, weight_mode, group_name)
+    call = FusedCall(input, residual, weight, scale, eps, weight_mode, group_name, oneshot_max_bytes, max_tokens)
+    return run_fused(backend, call)
 
 
 @fused_allreduce_rmsnorm.register_fake
-def _(input, residual, weight, scale, eps, weight_mode, group_name, backend):
+def _(input, residual, weight, scale, eps, weight_mode, group_name, backend, oneshot_max_bytes, max_tokens):
     out_dtype = FP8_DTYPE if scale is not None else input.dtype
     return torch.empty_like(input, dtype=out_dtype), torch.empty_like(input)
 

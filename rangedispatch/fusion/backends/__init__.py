@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -20,14 +21,28 @@ _loaded: dict[str, "FusedBackend"] = {}
 _warned: set[str] = set()
 
 
+@dataclass
+class FusedCall:
+    """The arguments of one fused op call (see ``rangedispatch.fusion.op``)."""
+
+    input: torch.Tensor
+    residual: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    eps: float
+    weight_mode: str
+    group_name: str
+    oneshot_max_bytes: int
+    max_tokens: int
+
+
 class FusedBackend(Protocol):
     name: str
 
-    def unsupported(self, input: torch.Tensor, weight: Optional[torch.Tensor], group_name: str,
-                    quant: bool) -> Optional[str]:
+    def unsupported(self, call: FusedCall) -> Optional[str]:
         """None if this backend runs the call, else why not."""
 
-    def run(self, input, residual, weight, scale, eps, weight_mode, group_name) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, call: FusedCall) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
@@ -48,16 +63,16 @@ def get(name: str) -> FusedBackend:
     return backend
 
 
-def run_fused(name, input, residual, weight, scale, eps, weight_mode, group_name):
+def run_fused(name: str, call: FusedCall) -> tuple[torch.Tensor, torch.Tensor]:
     backend = get(name)
     if name != "reference":
-        reason = backend.unsupported(input, weight, group_name, scale is not None)
+        reason = backend.unsupported(call)
         if reason is not None:
             if reason not in _warned:
                 _warned.add(reason)
                 log.warning("fused backend %s falls back to reference: %s", name, reason)
             backend = get("reference")
-    return backend.run(input, residual, weight, scale, eps, weight_mode, group_name)
+    return backend.run(call)
 
 
 class _Unavailable:

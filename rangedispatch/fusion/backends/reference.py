@@ -11,17 +11,17 @@ from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
 class ReferenceBackend:
     name = "reference"
 
-    def unsupported(self, input, weight, group_name, quant):
+    def unsupported(self, call):
         return None
 
-    def run(self, input, residual, weight, scale, eps, weight_mode, group_name):
+    def run(self, call):
         funcol = torch.ops._c10d_functional
-        h = funcol.wait_tensor(funcol.all_reduce(input, "sum", group_name))
-        if residual is not None:
-            h = h + residual
-        out = rms_norm(h, weight, eps, weight_mode)
-        if scale is not None:
-            out = quantize_fp8(out, scale)
+        h = funcol.wait_tensor(funcol.all_reduce(call.input, "sum", call.group_name))
+        if call.residual is not None:
+            h = h + call.residual
+        out = rms_norm(h, call.weight, call.eps, call.weight_mode)
+        if call.scale is not None:
+            out = quantize_fp8(out, call.scale)
         return out, h
 
 
