@@ -11,36 +11,38 @@ graph breaks (resume functions only compile under Dynamo).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 _lock = threading.Lock()
-_watched: dict[int, list] = {}  # id(original code) -> [transformed code objects, in order]
+_recording = threading.local()  # .target: code object being watched in this thread, .codes: what Dynamo made
 _hook_installed = False
 
 
 def _hook(old_code: types.CodeType, new_code: types.CodeType) -> None:
-    seen = _watched.get(id(old_code))
-    if seen is not None:
-        seen.append(new_code)
+    if getattr(_recording, "target", None) is old_code:
+        _recording.codes.append(new_code)
 
 
-def watch(fn: Callable) -> list:
-    """Start recording the bytecode Dynamo produces for ``fn`` (a bound or plain function)."""
+@contextlib.contextmanager
+def recording(fn: Callable) -> Iterator[list]:
+    """Collect the bytecode Dynamo produces for ``fn`` while this thread runs the block (the
+    tracing call). Per thread and per block, so that several wrappers of one class don't mix."""
     global _hook_installed
-    code = getattr(fn, "__func__", fn).__code__
     with _lock:
         if not _hook_installed:
             torch._dynamo.convert_frame.register_bytecode_hook(_hook)
             _hook_installed = True
-        return _watched.setdefault(id(code), [])
-
-
-def unwatch(fn: Callable) -> None:
-    _watched.pop(id(getattr(fn, "__func__", fn).__code__), None)
+    codes: list = []
+    _recording.target, _recording.codes = getattr(fn, "__func__", fn).__code__, codes
+    try:
+        yield codes
+    finally:
+        _recording.target = None
 
 
 _DYNAMO_UTILS_GLOBAL = "__import_torch_dot__dynamo_dot_utils"

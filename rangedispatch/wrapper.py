@@ -49,7 +49,6 @@ class RangeCompiledModule(nn.Module):
         self._state = self._graphs.state
         self._guardless: Optional[Callable] = None
         self._signature: Optional[TraceSignature] = None
-        self._dynamo_codes = guardless.watch(model.forward) if d.skip_dynamo_guards else []
         object.__setattr__(self, "_model", model)  # `self.module` goes through nn.Module.__getattr__: slow
         # not registered as a submodule: the state dict stays that of `module`
         object.__setattr__(self, "_compiled", torch.compile(model, backend=self._graphs.backend))
@@ -167,14 +166,14 @@ class RangeCompiledModule(nn.Module):
             self._graphs.traced_at = n
             self._state.range = TRACING
             try:
-                out = self._compiled(*args, **kwargs)
+                with guardless.recording(self._model.forward) as codes:
+                    out = self._compiled(*args, **kwargs)
             finally:
                 self._state.range = None
             self._finalize_ranges()
             if self.config.dispatch.skip_dynamo_guards:
-                self._guardless = guardless.guardless_forward(self.module.forward, self._dynamo_codes)
-                self._signature = guardless.TraceSignature(x, self.module)
-                guardless.unwatch(self.module.forward)
+                self._guardless = guardless.guardless_forward(self._model.forward, codes)
+                self._signature = guardless.TraceSignature(x, self._model)
                 log.info("Dynamo guards: %s", "skipped after tracing (dispatch.skip_dynamo_guards)"
                          if self._guardless else "kept (graph breaks or no single transformed forward)")
             r = self._table.lookup(n)
