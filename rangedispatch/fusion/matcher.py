@@ -104,7 +104,10 @@ def _match_site(wait: torch.fx.Node) -> Any:
         return norm
     norm_nodes, eps, weight, weight_mode, out = norm
     dead += norm_nodes
-    scale, out, quant_nodes = _match_quant(out, dtype)
+    scale, out_q, quant_nodes = _match_quant(out)
+    if scale is None and _val(out).dtype != dtype:
+        return "the fp32 norm output is not quantized to FP8 as expected"
+    out = out_q
     dead += quant_nodes
     return FusionMatch(x, group_name, residual, weight, scale, eps, weight_mode, pre_norm, out, dead)
 
@@ -183,6 +186,9 @@ def _match_weight(normed: torch.fx.Node, dtype: torch.dtype) -> Any:
         w = _other(user, normed)
         cast = _only_user(user)
         if not _is_convert(cast, dtype):
+            # Inductor on CUDA drops the bf16 round trip before an FP8 quant: the quant must follow
+            if _is(cast, aten.div.Tensor) and _is_hidden_vector(w) and _val(w).dtype == dtype:
+                return [user], w, "standard", user
             return "the weighted norm is not cast back to the input dtype"
         if _is_hidden_vector(w) and _val(w).dtype == dtype:
             return [user, cast], w, "standard", cast
@@ -196,11 +202,11 @@ def _match_weight(normed: torch.fx.Node, dtype: torch.dtype) -> Any:
     return "the normed value is neither cast nor scaled by a weight"
 
 
-def _match_quant(out: torch.fx.Node, dtype: torch.dtype) -> tuple[Optional[torch.fx.Node], torch.fx.Node, list]:
+def _match_quant(out: torch.fx.Node) -> tuple[Optional[torch.fx.Node], torch.fx.Node, list]:
     """``(scale, new out, nodes)`` when ``out`` only feeds a static FP8 quant, else ``(None, out, [])``."""
     user = _only_user(out)
     nodes = []
-    if dtype != torch.float32:
+    if _val(out).dtype != torch.float32:
         if not _is_convert(user, torch.float32):
             return None, out, []
         nodes.append(user)
