@@ -14,4 +14,4 @@ def build_fusion_passes(cfg: "RangeDispatchConfig") -> list["GraphPass"]:
     from rangedispatch.fusion.allreduce_rmsnorm import AllReduceRMSNormFusion
 
     backend = cfg.hardware.fused_backend if cfg.fusion.backend == "auto" else cfg.fusion.backend
-    return [AllReduceRMSNormFusion(cfg.hardware, backend)]
+    return [AllReduceRMSNormFusion(cfg.hardware, backend, cfg.dispatch.max_num_tokens)]

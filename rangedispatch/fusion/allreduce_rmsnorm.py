@@ -24,7 +24,22 @@ from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
 
-PASS_VERSION = 1  # bump when the rewrite changes
+
+
+def _source_digest() -> str:
+    """Hash of the code that shapes the rewritten graph: a changed matcher must never get a graph
+    that Inductor cached for the old one."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in ("allreduce_rmsnorm.py", "matcher.py", "op.py", "numerics.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+PASS_VERSION = _source_digest()
 _ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_reduce.default)
 
 
@@ -37,11 +52,12 @@ def group_size(group_name: str) -> int:
 class AllReduceRMSNormFusion(GraphPass):
     name = "allreduce_rmsnorm"
 
-    def __init__(self, hardware: HardwareConfig, backend: str):
+    def __init__(self, hardware: HardwareConfig, backend: str, max_num_tokens: int):
         import rangedispatch.fusion.op  # noqa: F401  (registers the op before any cached graph calls it)
 
         self.hardware = hardware
         self.backend = backend
+        self.max_num_tokens = max_num_tokens
         self.max_tokens: Optional[int] = None  # fuse ranges ending at or below this; None: not known yet
         self.sites: dict[tuple[str, int], int] = {}  # (group, bytes per token) -> fused token limit
         self.skipped: list[str] = []
@@ -60,8 +76,7 @@ class AllReduceRMSNormFusion(GraphPass):
             self.sites[(group_name, bytes_per_token)] = self._token_limit(group_name, bytes_per_token)
         if not self.sites:
             return []
-        limits = self.sites.values()
-        self.max_tokens = min(limits)
+        self.max_tokens = min(min(self.sites.values()), self.max_num_tokens)
         return [self.max_tokens] if self.max_tokens >= 1 else []
 
     def _token_limit(self, group_name: str, bytes_per_token: int) -> int:
