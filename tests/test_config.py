@@ -1,0 +1,82 @@
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from rangedispatch import load_config
+from rangedispatch.config import DispatchConfig, RangeDispatchConfig
+from rangedispatch.errors import ConfigError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(["hardware=cpu", "dispatch.split_points=[32,8,8]"])
+    assert cfg.dispatch.split_points == [8, 32]
+    assert cfg.hardware.name == "cpu"
+    assert cfg.fusion.enabled is True
+    assert load_config(["dispatch.token_dim=[0,1]", "dispatch.token_arg=hidden"]).dispatch.token_dims == [0, 1]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("dispatch.split_points=[0,8]", "dispatch.split_points=[0, 8] is not allowed: element 0 is not an integer in [1, 8191]"),
+    ("dispatch.split_points=[8192]", "element 8192 is not an integer in [1, 8191]"),
+    ("dispatch.split_points=[1.5]", "element 1.5 is not an integer"),
+    ("dispatch.split_points=8", "dispatch.split_points=8 is not allowed; expected a list"),
+    ("dispatch.compile_sizes=[0]", "dispatch.compile_sizes=[0] is not allowed: element 0 is not an integer in [1, 8192]"),
+    ("dispatch.compile_sizes=[9000]", "element 9000 is not an integer in [1, 8192]"),
+    ("dispatch.max_num_tokens=abc", "dispatch.max_num_tokens='abc' is not allowed; expected an integer >= 1"),
+    ("dispatch.out_of_range=skip", "dispatch.out_of_range='skip' is not allowed; expected one of error, eager, compile"),
+    ("compile.max_autotune=sometimes", "expected one of never, single_sizes, always"),
+    ("fusion.enabled=3", "fusion.enabled=3 is not allowed; expected true or false"),
+    ("dispatch.token_dim=[0,0]", "dispatch.token_dim=[0, 0] is not allowed"),
+    ("dispatch.foo=1", "unknown key 'dispatch.foo'; allowed keys under dispatch: split_points"),
+    ("+dispatch.foo=1", "unknown key 'dispatch.foo'"),
+    ("foo=1", "unknown key 'foo'; allowed keys under the root: dispatch, compile, fusion, hardware"),
+    ("hardware=tpu9", "hardware='tpu9' is not a known hardware profile; available: cpu, h100"),
+    ("hardware.thresholds.default.fused_max_bytes=-1", "hardware.thresholds.default.fused_max_bytes=-1 is not allowed"),
+])
+def test_bad_input_names_key_value_and_allowed(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config([override])
+    assert expected in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_schema_in_code_validates_too():
+    with pytest.raises(ConfigError, match=r"dispatch.split_points=\[100\] is not allowed"):
+        RangeDispatchConfig(dispatch=DispatchConfig(split_points=[100], max_num_tokens=64))
+
+
+def test_host_hydra_app_state_is_untouched():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rangedispatch.config import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir() / "hardware"), version_base="1.3"):
+        before = GlobalHydra.instance().hydra
+        cfg = load_config(["dispatch.split_points=[4]"])
+        assert cfg.dispatch.split_points == [4]
+        assert GlobalHydra.instance().hydra is before
+        assert compose(config_name="cpu").name == "cpu"  # the host still composes its own configs
+
+
+def test_cli_prints_composed_config():
+    out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.demo", "--cfg", "job", "dispatch.split_points=[16]"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "split_points:\n  - 16" in out and "name: cpu" in out
+
+
+def test_configs_ship_in_the_wheel(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), "."], check=True)
+    (wheel,) = tmp_path.glob("rangedispatch-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "rangedispatch/conf/config.yaml" in names and "rangedispatch/conf/hardware/cpu.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("from rangedispatch import load_config; from rangedispatch.config import config_dir; "
+            "print(config_dir()); print(load_config(['hardware=h100']).hardware.name)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0].startswith(str(site)) and out[1] == "h100"

@@ -1,0 +1,160 @@
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from helpers import CensusPass, Mlp
+from rangedispatch import Range, RangeCompiledModule, load_config
+from rangedispatch.errors import ConfigError, NotTracedError, OutOfRangeError
+
+BASE = ["hardware=cpu", "fusion.enabled=false", "dispatch.max_num_tokens=64", "dispatch.split_points=[8,32]"]
+
+
+def make(*overrides, passes=()):
+    torch.manual_seed(0)
+    model = Mlp()
+    return model, RangeCompiledModule(model, load_config([*BASE, *overrides]), passes=passes)
+
+
+def run(m, n, seed=0):
+    g = torch.Generator().manual_seed(seed + n)
+    x, r = torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)
+    return m(x, r), (x, r)
+
+
+def test_every_boundary_matches_eager_and_runs_its_range(caplog):
+    census = CensusPass(min_start=9)
+    model, m = make(passes=[census])
+    assert m.ranges == [Range(1, 8), Range(9, 32), Range(33, 64)]
+    with caplog.at_level(logging.INFO, logger="rangedispatch"):
+        for n in (2, 7, 8, 9, 31, 32, 33, 63, 64, 1):
+            before = {r: s["calls"] for r, s in m.stats().items()}
+            y, args = run(m, n)
+            torch.testing.assert_close(y, model(*args))
+            after = m.stats()
+            ran = [r for r in after if after[r]["calls"] != before.get(r, 0)]
+            assert ran == [m.range_for(n)] and n in ran[0]
+    stats = m.stats()
+    assert all(s["compiled"] for s in stats.values())
+    assert stats[Range(1, 8)]["passes"] == [] and stats[Range(9, 32)]["passes"] == ["census"]
+    assert set(census.seen) == {Range(9, 32), Range(33, 64)}  # the test pass ran exactly where it applies
+    assert stats[Range(33, 64)]["matches"] == {"census": 1} and stats[Range(1, 8)]["matches"] == {}
+    assert "compiled [9,32] in" in caplog.text and "passes: census" in caplog.text
+
+
+def test_only_used_ranges_compile_and_single_sizes_win():
+    model, m = make("dispatch.compile_sizes=[20]", "compile.max_autotune=never")
+    run(m, 5)
+    run(m, 20)
+    stats = m.stats()
+    assert m.range_for(20) == Range(20, 20)
+    assert stats[Range(20, 20)]["compiled"] and stats[Range(20, 20)]["calls"] == 1
+    assert not stats[Range(9, 32)]["compiled"] and not stats[Range(33, 64)]["compiled"]
+    y, args = run(m, 20)
+    torch.testing.assert_close(y, model(*args))
+
+
+def test_warmup_compiles_every_range():
+    model, m = make("dispatch.compile_sizes=[16]", "compile.max_autotune=never")
+    with pytest.raises(NotTracedError, match="warmup\\(\\) needs example inputs"):
+        m.warmup()
+    m.warmup(torch.randn(4, 16), torch.randn(4, 16))
+    assert all(s["compiled"] for s in m.stats().values())
+    y, args = run(m, 16)
+    torch.testing.assert_close(y, model(*args))
+
+
+def test_out_of_range_modes():
+    _, m = make()
+    run(m, 4)
+    with pytest.raises(OutOfRangeError, match="65 tokens is outside the compiled ranges \\[1, 64\\]"):
+        run(m, 65)
+    model, m = make("dispatch.out_of_range=eager")
+    run(m, 4)
+    y, args = run(m, 100)
+    torch.testing.assert_close(y, model(*args))
+    model, m = make("dispatch.out_of_range=compile", "dispatch.max_extra_sizes=1", "compile.max_autotune=never")
+    run(m, 4)
+    y, args = run(m, 100)
+    torch.testing.assert_close(y, model(*args))
+    assert m.stats()[Range(100, 100)] | {} and m.stats()[Range(100, 100)]["extra"]
+    with pytest.raises(OutOfRangeError, match="max_extra_sizes=1"):
+        run(m, 101)
+
+
+def test_concurrent_first_calls_compile_once():
+    model, m = make()
+    run(m, 4)
+    errors = []
+
+    def call():
+        try:
+            y, args = run(m, 20)
+            torch.testing.assert_close(y, model(*args))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    assert sum(r == Range(9, 32) for g in m.graphs for r in g.records) == 1
+    assert m.stats()[Range(9, 32)]["calls"] == 4
+
+
+def test_graph_breaks_dispatch_every_subgraph():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            y = torch.relu(x) * 2
+            torch._dynamo.graph_break()
+            return y + 1
+
+    model = Broken()
+    m = RangeCompiledModule(model, load_config(BASE))
+    for n in (4, 5, 20, 40):
+        x = torch.randn(n, 3)
+        torch.testing.assert_close(m(x), model(x))
+    assert len(m.graphs) >= 2
+    assert all(Range(9, 32) in g.records for g in m.graphs if g.is_symbolic)
+
+
+def test_guarded_path_when_the_input_changes():
+    model, m = make()
+    run(m, 4)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    model.double()
+    torch.testing.assert_close(m(x, x.clone()), model(x, x.clone()))
+
+
+def test_bad_token_arg():
+    with pytest.raises(ConfigError, match="dispatch.token_arg='hidden' is not a parameter of Mlp.forward; allowed: x, residual"):
+        make("dispatch.token_arg=hidden")
+    _, m = make("dispatch.token_dim=3")
+    with pytest.raises(ConfigError, match="dispatch.token_dim=3 does not fit the token input of shape \\(4, 16\\)"):
+        run(m, 4)
+
+
+WARM_START = """
+import torch
+from torch._dynamo.utils import counters
+from rangedispatch import RangeCompiledModule, load_config
+import helpers
+torch.manual_seed(0)
+m = RangeCompiledModule(helpers.Mlp(), load_config(["hardware=cpu", "dispatch.split_points=[8]", "dispatch.max_num_tokens=64"]))
+for n in (4, 5, 20):
+    m(torch.randn(n, 16), torch.randn(n, 16))
+print("MISSES", counters["inductor"]["fxgraph_cache_miss"], "HITS", counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+def test_warm_start_compiles_nothing_new(tmp_path):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]))
+    outs = [subprocess.run([sys.executable, "-c", WARM_START], env=env, capture_output=True, text=True, check=True)
+            .stdout.split() for _ in range(2)]
+    assert int(outs[0][1]) > 0
+    assert outs[1][1] == "0" and int(outs[1][3]) > 0

@@ -1,0 +1,41 @@
+import pytest
+
+from rangedispatch import Range
+from rangedispatch.ranges import RangeTable, ranges_from_split_points
+
+
+def test_split_points_give_inclusive_ranges():
+    assert ranges_from_split_points([32, 64], 8192) == [Range(1, 32), Range(33, 64), Range(65, 8192)]
+    assert ranges_from_split_points([64, 32, 32], 8192) == [Range(1, 32), Range(33, 64), Range(65, 8192)]
+    assert ranges_from_split_points([], 100) == [Range(1, 100)]
+
+
+def test_range_basics():
+    r = Range(1, 8)
+    assert 1 in r and 8 in r and 9 not in r and 0 not in r
+    assert str(r) == "[1,8]" and not r.is_single_size and Range(4, 4).is_single_size
+    assert {Range(1, 8): 1}[Range(1, 8)] == 1
+    assert sorted([Range(9, 32), Range(1, 8)]) == [Range(1, 8), Range(9, 32)]
+    with pytest.raises(ValueError):
+        Range(5, 4)
+
+
+def test_lookup_single_sizes_win_and_bounds():
+    t = RangeTable([8, 32], [4, 100], 8192)
+    assert t.lookup(1) == Range(1, 8)
+    assert t.lookup(4) == Range(4, 4)
+    assert t.lookup(8) == Range(1, 8)
+    assert t.lookup(9) == Range(9, 32)
+    assert t.lookup(33) == Range(33, 8192)
+    assert t.lookup(100) == Range(100, 100)
+    assert t.lookup(8192) == Range(33, 8192)
+    assert t.lookup(8193) is None and t.lookup(0) is None
+    assert t.ranges == [Range(1, 8), Range(4, 4), Range(9, 32), Range(33, 8192), Range(100, 100)]
+
+
+def test_every_count_maps_to_the_range_holding_it():
+    t = RangeTable([3, 10, 11, 50], [7], 64)
+    for n in range(1, 65):
+        r = t.lookup(n)
+        assert n in r
+        assert (r == Range(7, 7)) == (n == 7)
