@@ -167,6 +167,7 @@ class GraphCache:
 
         passes = self.policy.passes_for(r)
         pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass)
+        pipeline.record_key = self._record_key(gm, inputs, pipeline)
         gm_copy = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # passes must not touch the shared graph
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
         start = time.perf_counter()
@@ -182,20 +183,26 @@ class GraphCache:
                 fn = compile_fx(gm_copy, inputs)
         seconds = time.perf_counter() - start
         cache_hit = counters["inductor"]["fxgraph_cache_hit"] > hits_before
-        matches = self._matches(gm, inputs, pipeline)
+        matches = self._matches(gm, inputs, pipeline, fn)
         return fn, CompileRecord(seconds, [p.name for p in passes], matches, cache_hit, static)
 
     @staticmethod
-    def _matches(gm: torch.fx.GraphModule, inputs: list, pipeline: RangePassPipeline) -> dict[str, int]:
+    def _record_key(gm: torch.fx.GraphModule, inputs: list, pipeline: RangePassPipeline) -> str:
+        meta = repr([(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__ for v in inputs])
+        return match_record.record_key(gm.code, meta, str(pipeline.uuid()))
+
+    @staticmethod
+    def _matches(gm: torch.fx.GraphModule, inputs: list, pipeline: RangePassPipeline, fn: Any) -> dict[str, int]:
         if not pipeline.passes:
             return {}
-        uuid = pipeline.uuid()
-        meta = repr([(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__ for v in inputs])
-        key = match_record.record_key(gm.code, meta, str(uuid))
         if pipeline.matches is not None:
-            match_record.save(key, pipeline.matches)
             return dict(pipeline.matches)
-        recorded = match_record.load(key)
+        recorded = match_record.load(pipeline.record_key)
+        source = getattr(fn, "source_code", None)
+        if recorded is None and isinstance(source, str):  # a cache hit on a graph first compiled elsewhere
+            counts = {p.name: p.count_in_source(source) for p in pipeline.passes}
+            if all(c is not None for c in counts.values()):
+                return counts
         if recorded is None:
             log.warning("Inductor cache hit for %s without a match record: match counts unknown (-1)", pipeline.range)
             return {p.name: -1 for p in pipeline.passes}

@@ -49,6 +49,7 @@ class RangeCompiledModule(nn.Module):
         self._state = self._graphs.state
         self._guardless: Optional[Callable] = None
         self._signature: Optional[TraceSignature] = None
+        _reserve_dynamo_entries()
         object.__setattr__(self, "_model", model)  # `self.module` goes through nn.Module.__getattr__: slow
         # not registered as a submodule: the state dict stays that of `module`
         object.__setattr__(self, "_compiled", torch.compile(model, backend=self._graphs.backend))
@@ -235,6 +236,18 @@ class RangeCompiledModule(nn.Module):
         if self._table is None:
             raise NotTracedError(f"{what} needs the traced model: call the module or warmup(example_inputs) first")
         return self._table
+
+
+ENTRIES_PER_WRAPPER = 4  # the symbolic trace, the 1-token trace, and room for a dtype change
+
+
+def _reserve_dynamo_entries() -> None:
+    """Dynamo's recompile limit counts cache entries per code object, across all torch.compile
+    wrappers: with a few wrapped instances of one model class, later ones would silently run eager.
+    Each wrapper raises the limit by the entries it may need."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = cfg.recompile_limit + ENTRIES_PER_WRAPPER
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, cfg.recompile_limit)
 
 
 def _config_passes(cfg: RangeDispatchConfig) -> list[GraphPass]:
