@@ -12,7 +12,7 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -45,7 +45,6 @@ class CompilePolicy:
 
     passes_for: Callable[[Range], list[GraphPass]]
     max_autotune_for: Callable[[Range], bool]
-    token_dims: Sequence[int] = field(default_factory=lambda: [0])
 
 
 def _free_symbols(values: Sequence[Any]) -> set:
@@ -167,14 +166,13 @@ class GraphCache:
 
         passes = self.policy.passes_for(r)
         pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass)
-        pipeline.record_key = self._record_key(gm, inputs, pipeline)
         gm_copy = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # passes must not touch the shared graph
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
         start = time.perf_counter()
         patch = {"post_grad_custom_post_pass": pipeline}
         if self.policy.max_autotune_for(r):
             patch["max_autotune"] = True
-        with inductor_config.patch(patch):
+        with inductor_config.patch(patch), match_record.inductor_cache_keys() as cache_keys:
             if symbolic:
                 fake_mode = torch._guards.detect_fake_mode(inputs)
                 with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
@@ -183,26 +181,18 @@ class GraphCache:
                 fn = compile_fx(gm_copy, inputs)
         seconds = time.perf_counter() - start
         cache_hit = counters["inductor"]["fxgraph_cache_hit"] > hits_before
-        matches = self._matches(gm, inputs, pipeline, fn)
+        matches = self._matches(pipeline, cache_keys[-1] if cache_keys else None)
         return fn, CompileRecord(seconds, [p.name for p in passes], matches, cache_hit, static)
 
     @staticmethod
-    def _record_key(gm: torch.fx.GraphModule, inputs: list, pipeline: RangePassPipeline) -> str:
-        meta = repr([(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__ for v in inputs])
-        return match_record.record_key(gm.code, meta, str(pipeline.uuid()))
-
-    @staticmethod
-    def _matches(gm: torch.fx.GraphModule, inputs: list, pipeline: RangePassPipeline, fn: Any) -> dict[str, int]:
+    def _matches(pipeline: RangePassPipeline, cache_key: Optional[str]) -> dict[str, int]:
         if not pipeline.passes:
             return {}
-        if pipeline.matches is not None:
+        if pipeline.matches is not None:  # the passes ran in this process
+            if cache_key is not None:
+                match_record.save(cache_key, pipeline.matches)
             return dict(pipeline.matches)
-        recorded = match_record.load(pipeline.record_key)
-        source = getattr(fn, "source_code", None)
-        if recorded is None and isinstance(source, str):  # a cache hit on a graph first compiled elsewhere
-            counts = {p.name: p.count_in_source(source) for p in pipeline.passes}
-            if all(c is not None for c in counts.values()):
-                return counts
+        recorded = match_record.load(cache_key) if cache_key is not None else None
         if recorded is None:
             log.warning("Inductor cache hit for %s without a match record: match counts unknown (-1)", pipeline.range)
             return {p.name: -1 for p in pipeline.passes}

@@ -35,10 +35,6 @@ class GraphPass:
         """Rewrite the post-grad graph of range ``r`` in place; return how many matches were replaced."""
         raise NotImplementedError
 
-    def count_in_source(self, source: str) -> Optional[int]:
-        """Matches, read off Inductor's generated code (for cache hits without a record), or None."""
-        return None
-
     def config_key(self) -> str:
         """Everything about this pass that changes its output graph (code version, thresholds,
         backend...). Part of the Inductor cache key."""
@@ -53,7 +49,6 @@ class RangePassPipeline(CustomGraphPass):
         self.range = r
         self.previous = previous  # a post-grad custom pass the user had configured: still runs first
         self.matches: Optional[dict[str, int]] = None  # filled when Inductor runs us (not on a cache hit)
-        self.record_key: Optional[str] = None  # where to keep the counts for later cache hits
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.previous is not None:
@@ -63,10 +58,6 @@ class RangePassPipeline(CustomGraphPass):
             matches[p.name] = int(p(graph, self.range) or 0)
         graph.lint()
         self.matches = matches
-        if self.record_key is not None:  # now, before Inductor caches the graph another process may hit
-            from rangedispatch import match_record
-
-            match_record.save(self.record_key, matches)
 
     def uuid(self) -> Optional[Any]:
         h = hashlib.sha256(f"rangedispatch-pipeline-v1|{self.range}".encode())

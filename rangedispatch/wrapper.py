@@ -43,8 +43,7 @@ class RangeCompiledModule(nn.Module):
         self._calls: dict[Range, int] = {}
         self._extra_sizes: list[int] = []
         self._trace_lock = threading.Lock()
-        policy = CompilePolicy(passes_for=self._passes_for, max_autotune_for=self._max_autotune_for,
-                               token_dims=d.token_dims)
+        policy = CompilePolicy(passes_for=self._passes_for, max_autotune_for=self._max_autotune_for)
         self._graphs = GraphCache(policy, on_new_graph=self._on_new_graph)
         self._state = self._graphs.state
         self._guardless: Optional[Callable] = None

@@ -33,8 +33,8 @@ def _matrix(rank, world, cases):
     from rangedispatch.models import TPMLPBlock
 
     torch.set_num_threads(1)
-    # Every graph compiled here, so the census pass sees it: 'module' and 'functional' give the same
-    # post-grad graph, and on a cache hit no pass runs (the warm-start test covers the cache).
+    # Every graph compiled here, so the census pass sees it ('module' and 'functional' give the same
+    # post-grad graph, and on a cache hit no pass runs; test_dispatch's warm-start test covers hits).
     torch._inductor.config.fx_graph_cache = False
     results = {}
     for form, residual, fp8, dtype_name in cases:

@@ -143,9 +143,6 @@ class AllReduceRMSNormFusion(GraphPass):
                 graph.erase_node(node)
         return True
 
-    def count_in_source(self, source: str) -> Optional[int]:
-        return sum("rangedispatch.fused_allreduce_rmsnorm.default(" in line for line in source.splitlines())
-
     def config_key(self) -> str:
         t = sorted((k, v.fused_max_bytes, v.oneshot_max_bytes) for k, v in self.hardware.thresholds.items())
         return f"v{PASS_VERSION}|{self.hardware.name}|{t}|{self.backend}|max_tokens={self.max_tokens}"
