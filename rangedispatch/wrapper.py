@@ -11,6 +11,7 @@ import torch.fx
 from torch import nn
 
 from rangedispatch import guardless
+from rangedispatch.cudagraphs import CudaGraphRunner, resize_tokens
 from rangedispatch.config import RangeDispatchConfig, load_config, to_schema
 from rangedispatch.errors import NotTracedError, OutOfRangeError
 from rangedispatch.graph_cache import TRACING, CompilePolicy, GraphCache
@@ -49,6 +50,9 @@ class RangeCompiledModule(nn.Module):
         self._guardless: Optional[Callable] = None
         self._signature: Optional[TraceSignature] = None
         _reserve_dynamo_entries()
+        self._cudagraphs: Optional[CudaGraphRunner] = (
+            CudaGraphRunner(d.cudagraph_sizes, d.token_dims[0], self._run_for_capture) if d.cudagraph_sizes else None
+        )
         object.__setattr__(self, "_model", model)  # `self.module` goes through nn.Module.__getattr__: slow
         # not registered as a submodule: the state dict stays that of `module`
         object.__setattr__(self, "_compiled", torch.compile(model, backend=self._graphs.backend))
@@ -63,6 +67,16 @@ class RangeCompiledModule(nn.Module):
         if r is None:
             return self._out_of_range(n, args, kwargs)
         self._calls[r] += 1
+        graphs = self._cudagraphs
+        if graphs is not None:
+            s = graphs.size_for(r, n)
+            if s is not None:
+                return graphs.replay(r, s, n, x, args, kwargs)
+        return self._run(r, x, fast_ok, args, kwargs)
+
+    forward = __call__
+
+    def _run(self, r: Range, x: Any, fast_ok: bool, args: tuple, kwargs: dict) -> Any:
         state = self._state
         state.range = r
         try:
@@ -73,7 +87,9 @@ class RangeCompiledModule(nn.Module):
         finally:
             state.range = None
 
-    forward = __call__
+    def _run_for_capture(self, r: Range, args: tuple, kwargs: dict) -> Any:
+        x, _, fast_ok = self._counter.read(args, kwargs)
+        return self._run(r, x, fast_ok, args, kwargs)
 
     # ----------------------------------------------------------------------------- public API
     @property
@@ -113,6 +129,7 @@ class RangeCompiledModule(nn.Module):
                 "matches": matches,
                 "cache_hits": sum(rec.cache_hit for rec in records),
                 "extra": r.is_single_size and r.start in self._extra_sizes,
+                "cudagraphs": sorted(s for s in (self._cudagraphs.captured if self._cudagraphs else ()) if s in r),
             }
         return out
 
@@ -131,7 +148,24 @@ class RangeCompiledModule(nn.Module):
                     log.info("warmup: graph %d has several symbolic sizes; %s compiles on its first call", g.index, r)
                     continue
                 g.compile(r)
+        if self._cudagraphs is not None:
+            self._capture_all(args, kwargs)
         return self
+
+    def _capture_all(self, args: tuple, kwargs: dict) -> None:
+        """Capture every CUDA graph, largest first (they share one memory pool)."""
+        if not args and not kwargs:
+            log.info("warmup: no example inputs, CUDA graphs are captured on first use")
+            return
+        x, n, _ = self._counter.read(args, kwargs)
+        dim = self.config.dispatch.token_dims[0] % x.dim()
+        for s in sorted(self._cudagraphs.sizes, reverse=True):
+            r = self._table.lookup(s)
+            if r is None or s in self._cudagraphs.captured:
+                continue
+            s_args, s_kwargs = resize_tokens(args, kwargs, dim, n, s)
+            sx = self._counter.token_input(s_args, s_kwargs)
+            self._cudagraphs.capture(r, s, sx, s_args, s_kwargs)
 
     # ----------------------------------------------------------------------------- internals
     def _passes_for(self, r: Range) -> list[GraphPass]:

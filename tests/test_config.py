@@ -29,6 +29,7 @@ def test_defaults_and_overrides():
     ("compile.max_autotune=sometimes", "expected one of never, single_sizes, always"),
     ("fusion.enabled=3", "fusion.enabled=3 is not allowed; expected true or false"),
     ("dispatch.token_dim=[0,0]", "dispatch.token_dim=[0, 0] is not allowed"),
+    ("dispatch.cudagraph_sizes=[0]", "dispatch.cudagraph_sizes=[0] is not allowed: element 0 is not an integer in [1, 8192]"),
     ("dispatch.foo=1", "unknown key 'dispatch.foo'; allowed keys under dispatch: split_points"),
     ("+dispatch.foo=1", "unknown key 'dispatch.foo'"),
     ("foo=1", "unknown key 'foo'; allowed keys under the root: dispatch, compile, fusion, hardware"),
@@ -80,3 +81,8 @@ def test_configs_ship_in_the_wheel(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0].startswith(str(site)) and out[1] == "h100"
+
+
+def test_cudagraphs_need_a_single_token_dim():
+    with pytest.raises(ConfigError, match=r"dispatch.token_dim=\[0, 1\] is not allowed; expected a single dim when dispatch.cudagraph_sizes is set"):
+        load_config(["dispatch.cudagraph_sizes=[8]", "dispatch.token_dim=[0,1]"])

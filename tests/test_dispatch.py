@@ -162,3 +162,11 @@ def test_warm_start_compiles_nothing_new(tmp_path):
     assert outs[1][1] == "0" and int(outs[1][3]) > 0
     # match counts survive the cache hit (the pass did not run in the second process)
     assert outs[0][4:] == outs[1][4:] == ["[None,", "1]"]
+
+
+def test_cudagraph_sizes_need_cuda_inputs():
+    _, m = make("dispatch.cudagraph_sizes=[16]")
+    run(m, 4)
+    with pytest.raises(ConfigError, match="dispatch.cudagraph_sizes=\\[16\\] needs CUDA inputs; the token input is on cpu"):
+        run(m, 12)
+    run(m, 40)  # no captured size in [33,64]: runs without a graph

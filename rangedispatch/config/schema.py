@@ -58,6 +58,10 @@ class DispatchConfig:
     # differs, for 1-token calls, and when the trace has graph breaks. Set false if other inputs or
     # module attributes change between calls in ways the graph depends on.
     skip_dynamo_guards: bool = True
+    # Token counts to capture one CUDA graph each for (CUDA inputs only): a call pads up to the next
+    # listed size inside its range and gets its outputs sliced back. Integers in [1, max_num_tokens];
+    # needs a single token_dim.
+    cudagraph_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         k = self.SECTION
@@ -75,6 +79,9 @@ class DispatchConfig:
         check_choice(f"{k}.out_of_range", self.out_of_range, OUT_OF_RANGE_MODES)
         check_int(f"{k}.max_extra_sizes", self.max_extra_sizes, lo=0)
         check_bool(f"{k}.skip_dynamo_guards", self.skip_dynamo_guards)
+        self.cudagraph_sizes = check_int_list(f"{k}.cudagraph_sizes", self.cudagraph_sizes, 1, self.max_num_tokens)
+        if self.cudagraph_sizes and isinstance(self.token_dim, list) and len(self.token_dim) > 1:
+            raise fail(f"{k}.token_dim", self.token_dim, f"a single dim when {k}.cudagraph_sizes is set")
 
     @property
     def token_dims(self) -> list[int]:
