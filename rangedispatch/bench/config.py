@@ -1,0 +1,56 @@
+"""What ``rangedispatch-bench`` measures (the ``bench:`` section of conf/bench.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rangedispatch.config.checks import check_choice, check_int, check_int_list, check_str, fail
+
+LEVELS = ("op", "model")
+
+
+@dataclass
+class BenchConfig:
+    SECTION = "bench"
+
+    # Which sweeps to run: "op" (all-reduce + residual + RMSNorm per kernel tier) and/or "model"
+    # (a TP block through each compile variant).
+    levels: list[str] = field(default_factory=lambda: ["op", "model"])
+    # Ranks to spawn when not started by torchrun (one GPU each). Integer >= 2.
+    world_size: int = 2
+    # Op level: hidden sizes and token counts.
+    op_hidden: list[int] = field(default_factory=lambda: [8192])
+    op_tokens: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512, 2048, 4096])
+    # Op level: run without FP8 quant, with it, or both.
+    fp8: list[bool] = field(default_factory=lambda: [False, True])
+    # Model level: [hidden, intermediate] pairs; the intermediate dim is split over the ranks.
+    model_shapes: list[list[int]] = field(default_factory=lambda: [[8192, 28672], [2048, 8192]])
+    # Model level: layers of the block, and token counts (the largest sets dispatch.max_num_tokens).
+    model_layers: int = 2
+    model_tokens: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384])
+    # Timing: calls captured per CUDA graph, and graph replays (the median is reported).
+    calls_per_graph: int = 10
+    replays: int = 20
+    # Where table.md, results.csv and results.png go.
+    out_dir: str = "bench-results"
+
+    def __post_init__(self) -> None:
+        k = self.SECTION
+        if not isinstance(self.levels, list) or not self.levels:
+            raise fail(f"{k}.levels", self.levels, "a non-empty list of " + ", ".join(LEVELS))
+        for level in self.levels:
+            check_choice(f"{k}.levels", level, LEVELS)
+        check_int(f"{k}.world_size", self.world_size, lo=2)
+        self.op_hidden = check_int_list(f"{k}.op_hidden", self.op_hidden, lo=1)
+        self.op_tokens = check_int_list(f"{k}.op_tokens", self.op_tokens, lo=1)
+        if not isinstance(self.fp8, list) or not all(isinstance(v, bool) for v in self.fp8) or not self.fp8:
+            raise fail(f"{k}.fp8", self.fp8, "a non-empty list of true/false")
+        for shape in self.model_shapes:
+            if not (isinstance(shape, list) and len(shape) == 2):
+                raise fail(f"{k}.model_shapes", self.model_shapes, "a list of [hidden, intermediate] pairs")
+            check_int_list(f"{k}.model_shapes", shape, lo=1)
+        check_int(f"{k}.model_layers", self.model_layers, lo=1)
+        self.model_tokens = check_int_list(f"{k}.model_tokens", self.model_tokens, lo=1)
+        check_int(f"{k}.calls_per_graph", self.calls_per_graph, lo=1)
+        check_int(f"{k}.replays", self.replays, lo=1)
+        check_str(f"{k}.out_dir", self.out_dir)

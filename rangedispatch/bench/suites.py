@@ -1,0 +1,102 @@
+"""The two sweeps. Each returns rows (dicts) on every rank; rank 0 reports them.
+
+Op level: the all-reduce + residual + RMSNorm (+ FP8) unit per kernel tier, each compiled variant
+through RangeCompiledModule. Model level: a TP block (N x column-parallel -> SiLU -> row-parallel ->
+all-reduce -> + residual -> RMSNorm) through plain torch.compile, RangeCompiledModule with fusion
+off, with fusion forced everywhere, and with range dispatch as the hardware profile says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from rangedispatch.bench.timing import time_us
+from rangedispatch.bench.units import AllReduceNorm
+from rangedispatch.config.schema import FusionConfig, FusionThresholds, RangeDispatchConfig
+from rangedispatch.models import TPMLPBlock
+from rangedispatch.wrapper import RangeCompiledModule
+
+EVERYWHERE = 1 << 40  # bytes: "always fuse"
+
+
+def with_fusion(cfg: RangeDispatchConfig, world: int, fused: Optional[int], oneshot: Optional[int] = None,
+                max_num_tokens: Optional[int] = None) -> RangeDispatchConfig:
+    """``cfg`` with fusion off (``fused=None``) or with the given byte thresholds at ``world``."""
+    dispatch = dataclasses.replace(cfg.dispatch, max_num_tokens=max_num_tokens or cfg.dispatch.max_num_tokens,
+                                   split_points=[p for p in cfg.dispatch.split_points
+                                                 if p < (max_num_tokens or cfg.dispatch.max_num_tokens)])
+    if fused is None:
+        return dataclasses.replace(cfg, dispatch=dispatch, fusion=dataclasses.replace(cfg.fusion, enabled=False))
+    thresholds = {**cfg.hardware.thresholds, str(world): FusionThresholds(fused, fused if oneshot is None else oneshot)}
+    hardware = dataclasses.replace(cfg.hardware, thresholds=thresholds)
+    return dataclasses.replace(cfg, dispatch=dispatch, hardware=hardware,
+                               fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
+
+
+def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: bool, calls: int, replays: int,
+             progress: Callable[[], None]) -> list[dict]:
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    unit = AllReduceNorm(hidden, fp8).cuda()
+    variants: dict[str, Callable] = {
+        "nccl_eager_norm": unit,
+        "nccl_compiled_norm": RangeCompiledModule(unit, with_fusion(cfg, world, None)),
+        "fused_oneshot": RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, EVERYWHERE)),
+        "fused_twoshot": RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, 0)),
+    }
+    warm = torch.randn(16, hidden, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for fn in variants.values():  # traces each variant at a size >= 2 (see pitfalls: 1-token traces)
+            fn(warm.clone(), warm.clone())
+    rows = []
+    for n in tokens:
+        x = torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda")
+        r = torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda")
+        for name, fn in variants.items():
+            if name == "fused_twoshot" and n <= world:
+                continue  # two-shot needs more tokens than ranks
+            with torch.no_grad():
+                us, method = time_us(lambda: fn(x, r), calls, replays)
+            rows.append(dict(level="op", hidden=hidden, tokens=n, fp8=fp8, variant=name, us=round(us, 2), method=method))
+            progress()
+    return rows
+
+
+def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, tokens: Iterable[int],
+                calls: int, replays: int, progress: Callable[[], None]) -> tuple[list[dict], list[str]]:
+    world = dist.get_world_size()
+    tokens = list(tokens)
+    max_n = max(tokens)
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=hidden, intermediate=intermediate, layers=layers, norm="functional",
+                       dtype=torch.bfloat16).cuda()
+    plain = torch.compile(model)
+    dispatch = RangeCompiledModule(model, with_fusion(cfg, world, cfg.hardware.thresholds_for(world).fused_max_bytes,
+                                                      cfg.hardware.thresholds_for(world).oneshot_max_bytes, max_n))
+    variants: dict[str, Callable] = {
+        "torch_compile": plain,
+        "fusion_off": RangeCompiledModule(model, with_fusion(cfg, world, None, max_num_tokens=max_n)),
+        "fusion_everywhere": RangeCompiledModule(model, with_fusion(cfg, world, EVERYWHERE, None, max_n)),
+        "range_dispatch": dispatch,
+    }
+    warm = torch.randn(16, hidden, dtype=torch.bfloat16, device="cuda")
+    torch._dynamo.mark_dynamic(warm, 0)
+    with torch.no_grad():
+        for fn in variants.values():
+            fn(warm.clone())
+    rows = []
+    for n in tokens:
+        x = torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda")
+        for name, fn in variants.items():
+            with torch.no_grad():
+                us, method = time_us(lambda: fn(x), calls, replays)
+            row = dict(level="model", hidden=hidden, tokens=n, fp8=False, variant=name, us=round(us, 2), method=method)
+            if name == "range_dispatch":
+                row["range"] = str(dispatch.range_for(n))
+            rows.append(row)
+            progress()
+    return rows, [str(r) for r in dispatch.ranges]

@@ -1,0 +1,57 @@
+"""Timing a callable on GPUs the way serving runs it: inside a CUDA graph of several calls, median
+over replays, slowest rank. Falls back to CUDA events around eager calls where capture fails."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("rangedispatch")
+
+
+def time_us(fn: Callable[[], Any], calls: int = 10, replays: int = 20) -> tuple[float, str]:
+    """(microseconds per call, "cudagraph" | "events")."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        run, method = graph.replay, "cudagraph"
+    except Exception as e:  # some variants cannot be captured: time them eagerly, and say so
+        log.warning("CUDA graph capture failed (%s: %s); timing with events", type(e).__name__, str(e)[:200])
+        torch.cuda.synchronize()
+        graph = None
+
+        def run() -> None:
+            for _ in range(calls):
+                fn()
+
+        method = "events"
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        if dist.is_initialized():
+            dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / calls)
+    t = torch.tensor([statistics.median(samples)], device="cuda")
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    del graph
+    return t.item(), method

@@ -1,0 +1,123 @@
+"""``rangedispatch-bench``: op-level and model-level sweeps on 2+ GPUs, with a table, CSV and PNG.
+
+    rangedispatch-bench hardware=h100                      # spawns bench.world_size ranks
+    torchrun --nproc-per-node 2 -m rangedispatch.cli.bench hardware=h100
+    rangedispatch-bench --cfg job                          # print the composed config
+    python -m rangedispatch.cli.bench_plot results.csv     # (re)draw the PNG from a CSV
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rangedispatch.config.loader import config_dir, register_base_config
+
+register_base_config()
+
+
+def _register_bench_base() -> None:
+    """The bench section's defaults come from BenchConfig, like the library's from its schema."""
+    from hydra.core.config_store import ConfigStore
+
+    from rangedispatch.bench.config import BenchConfig
+
+    ConfigStore.instance().store(name="rangedispatch_bench_base", node={"bench": dataclasses.asdict(BenchConfig())})
+
+
+_register_bench_base()
+
+
+def split_config(cfg: DictConfig):
+    from rangedispatch.bench.config import BenchConfig
+    from rangedispatch.config import to_schema
+    from rangedispatch.config.build import build_dataclass
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    bench = build_dataclass(BenchConfig, data.pop("bench", {}), "bench")
+    return to_schema(data), bench
+
+
+def _progress(total: int, rank: int):
+    if rank != 0:
+        return lambda: None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="timings", unit="pt")
+        return lambda: bar.update(1)
+    except ImportError:
+        done = [0]
+
+        def step() -> None:
+            done[0] += 1
+            print(f"\rtimings {done[0]}/{total}", end="", flush=True)
+
+        return step
+
+
+def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
+    import torch
+
+    from rangedispatch.bench import suites
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[rank0] %(message)s")
+    lib, bench = split_config(OmegaConf.create(cfg_yaml))
+    total = 0
+    if "op" in bench.levels:
+        total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * 4
+    if "model" in bench.levels:
+        total += len(bench.model_shapes) * len(bench.model_tokens) * 4
+    step = _progress(total, rank)
+    rows, boundaries = [], {}
+    if "op" in bench.levels:
+        for hidden in bench.op_hidden:
+            for fp8 in bench.fp8:
+                rows += suites.op_level(lib, hidden, bench.op_tokens, fp8, bench.calls_per_graph, bench.replays, step)
+    if "model" in bench.levels:
+        for hidden, intermediate in bench.model_shapes:
+            r, ranges = suites.model_level(lib, hidden, intermediate, bench.model_layers, bench.model_tokens,
+                                           bench.calls_per_graph, bench.replays, step)
+            rows += r
+            boundaries[hidden] = [int(x.strip("[]").split(",")[1]) for x in ranges][:-1]
+    info = dict(card=torch.cuda.get_device_name(), world_size=world, torch=torch.__version__,
+                date=str(datetime.date.today()), host=platform.node())
+    return dict(rows=rows, boundaries=boundaries, info=info)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from rangedispatch.bench import report
+    from rangedispatch.launch import init_from_env, spawn_ranks
+
+    _, bench = split_config(cfg)  # fail here, with the key named, before any rank starts
+    cfg_yaml = OmegaConf.to_yaml(cfg)
+    if "WORLD_SIZE" in os.environ:
+        rank, world = init_from_env("nccl")
+        result = run_rank(rank, world, cfg_yaml)
+        if rank != 0:
+            return
+    else:
+        result = spawn_ranks(run_rank, bench.world_size, cfg_yaml, backend="nccl")[0]
+    out = Path(bench.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = report.annotate(result["rows"])
+    report.write_csv(rows, out / "results.csv")
+    text = report.table(rows)
+    (out / "table.md").write_text(text)
+    (out / "run.json").write_text(json.dumps({**result["info"], "boundaries": result["boundaries"]}, indent=1))
+    why = report.plot(rows, out / "results.png", result["boundaries"])
+    print(text)
+    print(f"wrote {out}/results.csv, table.md, run.json" + (f"; {why}" if why else ", results.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""GPU tests: 2 CUDA GPUs, NCCL, FlashInfer. Skipped elsewhere, with the reason.
+
+    source .device-kit/activate.sh && python -m pytest -q tests/gpu     # on the GPU host
+"""
+
+import pytest
+import torch
+
+from rangedispatch.launch import spawn_ranks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                       reason="needs 2 CUDA GPUs (run on the GPU host: see README, development)"),
+]
+
+HIDDEN = 2048
+CASES = [(form, residual, fp8) for form in ("llama", "functional", "module", "gemma")
+         for residual in (True, False) for fp8 in (False, True)]
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _numerics(rank, world, backend, cases):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    out = {}
+    threshold = 33554432 // (HIDDEN * 2)
+    for form, residual, fp8 in cases:
+        torch.manual_seed(0)
+        model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, norm=form, residual=residual, fp8=fp8,
+                           dtype=torch.bfloat16).cuda()
+        m = RangeCompiledModule(model, load_config(["hardware=h100", f"fusion.backend={backend}",
+                                                    f"dispatch.max_num_tokens={2 * threshold}"]))
+        rows = []
+        for n in (3, 100, threshold, threshold + 1):
+            x = torch.randn(n, HIDDEN, dtype=torch.bfloat16, device="cuda")
+            with torch.no_grad():
+                y, r = m(x.clone())
+                ye, re = model(x.clone())
+            st = m.stats()[m.range_for(n)]
+            rows.append((n, str(m.range_for(n)), st["matches"].get("allreduce_rmsnorm", 0), rel_err(y, ye), rel_err(r, re)))
+        out[(form, residual, fp8)] = rows
+    return out, threshold
+
+
+@pytest.mark.parametrize("backend, cases", [("flashinfer", CASES), ("reference", CASES[:2])])
+def test_every_pattern_matches_eager_on_gpu(backend, cases):
+    results, threshold = spawn_ranks(_numerics, 2, backend, cases, backend="nccl")[0]
+    for (form, residual, fp8), rows in results.items():
+        tol = 5e-2 if fp8 else 1e-2
+        for n, r, matches, out_err, res_err in rows:
+            assert out_err < tol and res_err < tol, (form, residual, fp8, n, out_err, res_err)
+            if n > 3:  # the first call traces (eager); later ones ran compiled
+                assert matches == (2 if n <= threshold else 0), (form, residual, fp8, n, r)
+
+
+def _cudagraphs(rank, world):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, dtype=torch.bfloat16).cuda()
+    m = RangeCompiledModule(model, load_config(["hardware=h100", "dispatch.max_num_tokens=1024",
+                                                "dispatch.split_points=[64]", "dispatch.cudagraph_sizes=[16,64,512]"]))
+    example = torch.randn(8, HIDDEN, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        m.warmup(example)
+        errs = []
+        for n in (10, 16, 50, 64, 65, 300, 700):
+            x = torch.randn(n, HIDDEN, dtype=torch.bfloat16, device="cuda")
+            y, r = m(x.clone())
+            ye, re = model(x.clone())
+            errs.append((n, tuple(y.shape), rel_err(y, ye), rel_err(r, re)))
+    return errs, {str(k): v["cudagraphs"] for k, v in m.stats().items()}
+
+
+def test_cudagraph_replay_equals_eager():
+    errs, captured = spawn_ranks(_cudagraphs, 2, backend="nccl")[0]
+    assert captured == {"[1,64]": [16, 64], "[65,1024]": [512]}
+    for n, shape, out_err, res_err in errs:
+        assert shape == (n, HIDDEN) and out_err < 1e-2 and res_err < 1e-2, (n, out_err, res_err)
+
+
+def _warm_start(rank, world):
+    from torch._dynamo.utils import counters
+
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, dtype=torch.bfloat16).cuda()
+    m = RangeCompiledModule(model, load_config(["hardware=h100", "dispatch.max_num_tokens=65536"]))
+    x = torch.randn(64, HIDDEN, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        m(x.clone())
+        y, _ = m(x.clone())
+        ye, _ = model(x.clone())
+    return (counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"],
+            m.stats()[m.range_for(64)]["matches"], rel_err(y, ye))
+
+
+def test_warm_cache_start_compiles_nothing_new(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    first = spawn_ranks(_warm_start, 2, backend="nccl")[0]
+    second = spawn_ranks(_warm_start, 2, backend="nccl")[0]
+    assert first[0] > 0 and second[0] == 0 and second[1] > 0
+    assert first[2] == second[2] == {"allreduce_rmsnorm": 2}
+    assert second[3] < 1e-2
