@@ -184,21 +184,24 @@ def _match_weight(normed: torch.fx.Node, dtype: torch.dtype) -> Any:
         return [user], None, "none", user
     if _is(user, aten.mul.Tensor):
         w = _other(user, normed)
-        cast = _only_user(user)
-        if not _is_convert(cast, dtype):
-            # Inductor on CUDA drops the bf16 round trip before an FP8 quant: the quant must follow
-            if _is(cast, aten.div.Tensor) and _is_hidden_vector(w) and _val(w).dtype == dtype:
-                return [user], w, "standard", user
-            return "the weighted norm is not cast back to the input dtype"
         if _is_hidden_vector(w) and _val(w).dtype == dtype:
-            return [user, cast], w, "standard", cast
-        if (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and len(w.users) == 1
+            weight, mode, nodes = w, "standard", [user]
+        elif (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and len(w.users) == 1
                 and _is_convert(w.args[0], torch.float32) and len(w.args[0].users) == 1
-                and _is_hidden_vector(w.args[0].args[0])):
-            return [w.args[0], w, user, cast], w.args[0].args[0], "gemma", cast
-        if _is_hidden_vector(w):
-            return f"norm weight dtype {_val(w).dtype} differs from activation dtype {dtype} (fusing would change numerics)"
-        return "the norm output is scaled by something other than a weight vector"
+                and _is_hidden_vector(w.args[0].args[0]) and _val(w.args[0].args[0]).dtype == dtype):
+            weight, mode, nodes = w.args[0].args[0], "gemma", [w.args[0], w, user]
+        elif _is_hidden_vector(w) or (_is(w, aten.add.Tensor) and _is_hidden_vector(w.args[0])):
+            return f"norm weight dtype differs from activation dtype {dtype} (fusing would change numerics)"
+        else:
+            return "the norm output is scaled by something other than a weight vector"
+        cast = _only_user(user)
+        if _is_convert(cast, dtype):
+            return nodes + [cast], weight, mode, cast
+        if _is(cast, aten.div.Tensor):
+            # Inductor on CUDA drops the round trip to the input dtype before an FP8 quant; the quant
+            # must follow (checked by the caller), and the fused op keeps eager's rounding
+            return nodes, weight, mode, user
+        return "the weighted norm is not cast back to the input dtype"
     return "the normed value is neither cast nor scaled by a weight"
 
 
