@@ -85,20 +85,26 @@ def plot(rows: list[dict], path: Path, boundaries: Optional[dict[int, list[int]]
     for r in rows:
         groups[(r["level"], r["hidden"], r["fp8"])][r["variant"]].append((r["tokens"], r["us"]))
     keys = sorted(groups, key=lambda k: (k[0], -k[1], k[2]))
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    fig, axes = plt.subplots(2, len(keys), figsize=(5 * len(keys), 8), squeeze=False, sharex="col")
+    for col, key in enumerate(keys):
+        top, bottom = axes[0][col], axes[1][col]
+        base = dict(groups[key].get(BASELINES[key[0]], []))
         for variant, pts in groups[key].items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=variant)
-        for b in (boundaries or {}).get(key[1], []) if key[0] == "model" else []:
-            ax.axvline(b, color="gray", ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("us per call")
-        ax.set_title(f"{key[0]} level, hidden {key[1]}{', FP8' if key[2] else ''}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+            xs = [p[0] for p in pts]
+            top.plot(xs, [p[1] for p in pts], marker="o", ms=3, label=variant)
+            bottom.plot(xs, [base[n] / us if n in base else float("nan") for n, us in pts], marker="o", ms=3, label=variant)
+        for ax in (top, bottom):
+            for b in (boundaries or {}).get(key[1], []) if key[0] == "model" else []:
+                ax.axvline(b, color="gray", ls=":", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        top.set_yscale("log")
+        top.set_ylabel("us per call")
+        top.set_title(f"{key[0]} level, hidden {key[1]}{', FP8' if key[2] else ''}")
+        top.legend(fontsize=7)
+        bottom.set_ylabel(f"speedup vs {BASELINES[key[0]]}")
+        bottom.set_xlabel("tokens (dotted: range boundaries)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return None
