@@ -33,12 +33,12 @@ def test_defaults_and_overrides():
     ("dispatch.foo=1", "unknown key 'dispatch.foo'; allowed keys under dispatch: split_points"),
     ("+dispatch.foo=1", "unknown key 'dispatch.foo'"),
     ("foo=1", "unknown key 'foo'; allowed keys under the root: dispatch, compile, fusion, hardware"),
-    ("hardware=tpu9", "hardware='tpu9' is not a known hardware profile; available: cpu, h100"),
-    ("hardware.thresholds.default.fused_max_bytes=-1", "hardware.thresholds.default.fused_max_bytes=-1 is not allowed"),
+    ("hardware=tpu9", "hardware='tpu9' is not a known hardware profile; available: b200, cpu, gpu_generic, h100, h200"),
+    ("hardware=cpu hardware.thresholds.default.fused_max_bytes=-1", "hardware.thresholds.default.fused_max_bytes=-1 is not allowed"),
 ])
 def test_bad_input_names_key_value_and_allowed(override, expected):
     with pytest.raises(ConfigError) as e:
-        load_config([override])
+        load_config(override.split())
     assert expected in str(e.value)
     assert isinstance(e.value, ValueError)
 
@@ -63,7 +63,7 @@ def test_host_hydra_app_state_is_untouched():
 
 
 def test_cli_prints_composed_config():
-    out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.demo", "--cfg", "job", "dispatch.split_points=[16]"],
+    out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.demo", "--cfg", "job", "hardware=cpu", "dispatch.split_points=[16]"],
                          capture_output=True, text=True, check=True).stdout
     assert "split_points:\n  - 16" in out and "name: cpu" in out
 
@@ -86,3 +86,25 @@ def test_configs_ship_in_the_wheel(tmp_path):
 def test_cudagraphs_need_a_single_token_dim():
     with pytest.raises(ConfigError, match=r"dispatch.token_dim=\[0, 1\] is not allowed; expected a single dim when dispatch.cudagraph_sizes is set"):
         load_config(["dispatch.cudagraph_sizes=[8]", "dispatch.token_dim=[0,1]"])
+
+
+def test_auto_picks_the_machine_profile_and_explicit_wins(caplog):
+    import logging
+
+    from rangedispatch.config.detect import profile_for_device
+
+    with caplog.at_level(logging.INFO, logger="rangedispatch"):
+        assert load_config().hardware.name == "cpu"  # this machine has no CUDA device
+    assert "hardware=auto picked 'cpu': no CUDA device" in caplog.text
+    assert load_config(["hardware=h100"]).hardware.name == "h100"
+    available = ["cpu", "h100", "h200", "b200", "gpu_generic"]
+    assert profile_for_device("NVIDIA H100 80GB HBM3", (9, 0), available)[0] == "h100"
+    assert profile_for_device("NVIDIA H200", (9, 0), available)[0] == "h200"
+    assert profile_for_device("NVIDIA B200", (10, 0), available)[0] == "b200"
+    profile, why = profile_for_device("NVIDIA L40S", (8, 9), available)
+    assert profile == "gpu_generic" and "rangedispatch.cli.tune" in why and "NVIDIA L40S" in why
+
+
+def test_auto_refuses_profile_overrides():
+    with pytest.raises(ConfigError, match="hardware=auto takes no other hardware keys"):
+        load_config(["+hardware.fused_backend=reference"])

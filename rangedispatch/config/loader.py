@@ -42,6 +42,7 @@ def hardware_profiles(extra_dirs: Sequence[Union[str, Path]] = ()) -> list[str]:
     names = set()
     for d in [config_dir(), *map(Path, extra_dirs)]:
         names.update(p.stem for p in (d / "hardware").glob("*.yaml"))
+    names.discard("auto")
     return sorted(names)
 
 
@@ -99,11 +100,24 @@ def load_config(
     """Compose ``conf/config.yaml`` with Hydra ``overrides`` (``["hardware=cpu",
     "dispatch.split_points=[8,32]"]``) and validate it. Raises ``ConfigError`` at load time, not when a
     value is first read."""
-    return to_schema(compose_config(overrides or (), config_dirs))
+    return to_schema(compose_config(overrides or (), config_dirs), config_dirs)
 
 
-def to_schema(cfg: Any) -> RangeDispatchConfig:
-    """Validate a ``DictConfig``, plain mapping or ``RangeDispatchConfig`` into ``RangeDispatchConfig``."""
+def load_profile(name: str, config_dirs: Sequence[Union[str, Path]] = ()) -> dict:
+    """The hardware profile ``name`` as a plain mapping (user folders first, then the built-in one)."""
+    from omegaconf import OmegaConf
+
+    for d in [*map(Path, config_dirs), config_dir()]:
+        path = d / "hardware" / f"{name}.yaml"
+        if path.is_file():
+            return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    raise ConfigError(f"hardware={name!r} is not a known hardware profile; available: "
+                      f"{', '.join(hardware_profiles(config_dirs))}")
+
+
+def to_schema(cfg: Any, config_dirs: Sequence[Union[str, Path]] = ()) -> RangeDispatchConfig:
+    """Validate a ``DictConfig``, plain mapping or ``RangeDispatchConfig`` into ``RangeDispatchConfig``;
+    ``hardware: auto`` becomes the profile detected for this machine."""
     if isinstance(cfg, RangeDispatchConfig):
         return cfg
     from omegaconf import DictConfig, OmegaConf
@@ -117,6 +131,14 @@ def to_schema(cfg: Any) -> RangeDispatchConfig:
     if "hardware" not in cfg:
         raise ConfigError("hardware is required: select a profile, e.g. hardware=cpu; available: "
                           + ", ".join(hardware_profiles()))
+    if isinstance(cfg["hardware"], dict) and cfg["hardware"].get("name") == "auto":
+        from rangedispatch.config.detect import detect_profile
+
+        extra = sorted(set(cfg["hardware"]) - {"name"})
+        if extra:
+            raise ConfigError(f"hardware=auto takes no other hardware keys (got {', '.join('hardware.' + k for k in extra)}); "
+                              "name the profile to override its values, e.g. hardware=h100")
+        cfg = {**cfg, "hardware": load_profile(detect_profile(hardware_profiles(config_dirs)), config_dirs)}
     return build_dataclass(RangeDispatchConfig, cfg, "")
 
 
