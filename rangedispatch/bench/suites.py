@@ -9,7 +9,7 @@ off, with fusion forced everywhere, and with range dispatch as the hardware prof
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,26 +37,35 @@ def with_fusion(cfg: RangeDispatchConfig, world: int, fused: Optional[int], ones
                                fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
 
 
+OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_oneshot", "fused_twoshot")
+
+
 def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: bool, calls: int, replays: int,
-             progress: Callable[[], None]) -> list[dict]:
+             progress: Callable[[], None], variants: Sequence[str] = OP_VARIANTS) -> list[dict]:
+    """``variants`` from: nccl_eager_norm, nccl_compiled_norm (fusion off), fused_oneshot,
+    fused_twoshot (FlashInfer, or the profile's backend), fused_reference (the reference backend)."""
     world = dist.get_world_size()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    unit = AllReduceNorm(hidden, fp8).cuda()
-    variants: dict[str, Callable] = {
-        "nccl_eager_norm": unit,
-        "nccl_compiled_norm": RangeCompiledModule(unit, with_fusion(cfg, world, None)),
-        "fused_oneshot": RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, EVERYWHERE)),
-        "fused_twoshot": RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, 0)),
+    unit = AllReduceNorm(hidden, fp8).to(device)
+    reference = dataclasses.replace(cfg, fusion=FusionConfig(enabled=True, backend="reference"))
+    builders: dict[str, Callable[[], Callable]] = {
+        "nccl_eager_norm": lambda: unit,
+        "nccl_compiled_norm": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, None)),
+        "fused_oneshot": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, EVERYWHERE)),
+        "fused_twoshot": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, 0)),
+        "fused_reference": lambda: RangeCompiledModule(unit, with_fusion(reference, world, EVERYWHERE, EVERYWHERE)),
     }
-    warm = torch.randn(16, hidden, dtype=torch.bfloat16, device="cuda")
+    fns = {name: builders[name]() for name in variants}
+    warm = torch.randn(16, hidden, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
-        for fn in variants.values():  # traces each variant at a size >= 2 (see pitfalls: 1-token traces)
+        for fn in fns.values():  # traces each variant at a size >= 2 (see pitfalls: 1-token traces)
             fn(warm.clone(), warm.clone())
     rows = []
     for n in tokens:
-        x = torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda")
-        r = torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda")
-        for name, fn in variants.items():
+        x = torch.randn(n, hidden, dtype=torch.bfloat16, device=device)
+        r = torch.randn(n, hidden, dtype=torch.bfloat16, device=device)
+        for name, fn in fns.items():
             if name == "fused_twoshot" and n <= world:
                 continue  # two-shot needs more tokens than ranks
             with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from typing import Any, Callable
 
 import torch
@@ -14,7 +15,9 @@ log = logging.getLogger("rangedispatch")
 
 
 def time_us(fn: Callable[[], Any], calls: int = 10, replays: int = 20) -> tuple[float, str]:
-    """(microseconds per call, "cudagraph" | "events")."""
+    """(microseconds per call, "cudagraph" | "events" | "cpu")."""
+    if not torch.cuda.is_available():
+        return _time_cpu(fn, calls, replays), "cpu"
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -55,3 +58,20 @@ def time_us(fn: Callable[[], Any], calls: int = 10, replays: int = 20) -> tuple[
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     del graph
     return t.item(), method
+
+
+def _time_cpu(fn: Callable[[], Any], calls: int, replays: int) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(replays):
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) * 1e6 / calls)
+    t = torch.tensor([statistics.median(samples)])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()

@@ -1,0 +1,184 @@
+"""``rangedispatch-tune``: measure every all-reduce tier over a token sweep, find the crossovers,
+write a hardware profile.
+
+    rangedispatch-tune tune.name=h100                     # spawns tune.world_size ranks
+    torchrun --nproc-per-node 4 -m rangedispatch.cli.tune tune.name=h100 hardware=h100
+    rangedispatch-tune --cfg job
+
+Tiers on GPUs: NCCL + compiled norm, fused one-shot and two-shot (each with and without FP8). On CPU
+only the reference tier exists (gloo all-reduce and eager math in one op): it is measured against
+gloo + compiled norm, and the tool says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rangedispatch.cli.bench import _progress
+from rangedispatch.config.loader import config_dir, register_base_config
+
+register_base_config()
+
+GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot"}
+CPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_reference": "reference"}
+
+
+def _register_tune_base() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from rangedispatch.tune.config import TuneConfig
+
+    ConfigStore.instance().store(name="rangedispatch_tune_base", node={"tune": dataclasses.asdict(TuneConfig())})
+
+
+_register_tune_base()
+
+
+def split_config(cfg):
+    from rangedispatch.config import to_schema
+    from rangedispatch.config.build import build_dataclass
+    from rangedispatch.tune.config import TuneConfig
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    tune = build_dataclass(TuneConfig, data.pop("tune", {}), "tune")
+    return to_schema(data), tune
+
+
+def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
+    import torch
+
+    from rangedispatch.bench import suites
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[rank0] %(message)s")
+    for name in ("rangedispatch", "torch"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # the progress bar is the output here
+    lib, tune = split_config(OmegaConf.create(cfg_yaml))
+    tiers = GPU_TIERS if torch.cuda.is_available() else CPU_TIERS
+    if rank == 0 and not torch.cuda.is_available():
+        print("CPU: measuring the reference tier (gloo all-reduce + eager math in one op) against gloo + "
+              "compiled norm; GPU tiers need CUDA", flush=True)
+    total = tune.repeats * len(tune.fp8) * sum(len(tune.tokens(h)) for h in tune.hidden) * len(tiers)
+    step = _progress(total, rank)
+    rows = []
+    for repeat in range(tune.repeats):
+        for hidden in tune.hidden:
+            for fp8 in tune.fp8:
+                for r in suites.op_level(lib, hidden, tune.tokens(hidden), fp8, tune.calls_per_graph, tune.replays,
+                                         step, variants=list(tiers)):
+                    rows.append(dict(repeat=repeat, hidden=hidden, fp8=fp8, tokens=r["tokens"],
+                                     bytes=r["tokens"] * hidden * 2, tier=tiers[r["variant"]], us=r["us"]))
+    info = dict(card=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+                torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,
+                date=str(datetime.date.today()))
+    return dict(rows=rows, info=info, cuda=torch.cuda.is_available())
+
+
+def _version(dist_name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def summarize(result: dict, lib, tune) -> tuple[str, str]:
+    """(summary markdown, profile yaml)."""
+    from rangedispatch.tune import crossover, profile
+
+    rows, info = result["rows"], result["info"]
+    per_repeat = [crossover.thresholds([r for r in rows if r["repeat"] == k]) for k in range(tune.repeats)]
+    fused = [t.fused_max_bytes for t in per_repeat]
+    oneshot = [t.oneshot_max_bytes for t in per_repeat]
+    final = crossover.Thresholds(min(fused), min(oneshot), per_repeat[0].series)
+    mib = lambda b: f"{b / 2**20:g} MiB"  # noqa: E731
+    spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
+    lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
+             f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {tune.hidden}, fp8 {tune.fp8}, "
+             f"up to {mib(tune.max_bytes)} per rank, {tune.repeats} repeats.", "",
+             "| repeat | fused_max_bytes | oneshot_max_bytes |", "|---|---|---|"]
+    lines += [f"| {k} | {mib(f)} | {mib(o)} |" for k, (f, o) in enumerate(zip(fused, oneshot))]
+    lines += ["", f"Spread between repeats: fused {spread(fused)}, one-shot {spread(oneshot)}. "
+              f"Profile (smallest of the repeats): fused {mib(final.fused_max_bytes)}, one-shot {mib(final.oneshot_max_bytes)}.", "",
+              "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {s.hidden} | {s.fp8} | {mib(s.fused_max_bytes)} | {mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} |"
+              for s in per_repeat[0].series]
+    provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
+                  f"flashinfer {info['flashinfer']}.",
+                  f"Sweep: hidden {tune.hidden}, bf16, fp8 {tune.fp8}, 1..{mib(tune.max_bytes)} per rank; "
+                  f"{tune.repeats} repeats: fused {[mib(f) for f in fused]}, one-shot {[mib(o) for o in oneshot]}.",
+                  "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
+    backend = "flashinfer" if result["cuda"] else "reference"
+    return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware, provenance)
+
+
+def plot(rows: list[dict], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no PNG: {e}"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict = {}
+    for r in rows:
+        series.setdefault((r["repeat"], r["hidden"], r["fp8"]), {}).setdefault(r["bytes"], {})[r["tier"]] = r["us"]
+    for (repeat, hidden, fp8), by_bytes in sorted(series.items()):
+        sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and len(t) > 1)
+        ratio = [min(v for k, v in by_bytes[b].items() if k != "nccl") / by_bytes[b]["nccl"] for b in sizes]
+        ax.plot(sizes, ratio, marker="o", ms=3, ls="-" if repeat == 0 else "--",
+                label=f"hidden {hidden}{' fp8' if fp8 else ''} (repeat {repeat})")
+    ax.axhline(1.0, color="gray", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per rank")
+    ax.set_ylabel("best fused / NCCL + compiled norm")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
+@hydra.main(config_path=str(config_dir()), config_name="tune", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    import csv
+
+    from rangedispatch.launch import init_from_env, spawn_ranks
+    from rangedispatch.tune import profile
+
+    lib, tune = split_config(cfg)
+    cfg_yaml = OmegaConf.to_yaml(cfg)
+    if "WORLD_SIZE" in os.environ:
+        rank, world = init_from_env()
+        result = measure_rank(rank, world, cfg_yaml)
+        if rank != 0:
+            return
+    else:
+        result = spawn_ranks(measure_rank, tune.world_size, cfg_yaml)[0]
+    out = Path(tune.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"])
+        w.writeheader()
+        w.writerows(result["rows"])
+    summary, yaml_text = summarize(result, lib, tune)
+    (out / "summary.md").write_text(summary)
+    path = profile.write(out, tune.name, yaml_text)
+    why = plot(result["rows"], out / "sweep.png")
+    print(summary)
+    print(f"wrote {path}, {out}/sweep.csv, summary.md" + (f"; {why}" if why else ", sweep.png"))
+    print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}'])")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""``rangedispatch-tune``: measure where each all-reduce tier pays and write a hardware profile."""

@@ -1,0 +1,33 @@
+"""Writing a measured hardware profile: YAML with the measurement's provenance in comments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rangedispatch.config.schema import HardwareConfig
+from rangedispatch.tune.crossover import Thresholds
+
+
+def render(name: str, fused_backend: str, world_size: int, measured: Thresholds, base: HardwareConfig,
+           provenance: list[str]) -> str:
+    """The profile: ``measured`` for ``world_size``, every other world size kept from ``base``."""
+    lines = [f"# Written by rangedispatch-tune. {line}" if i == 0 else f"# {line}" for i, line in enumerate(provenance)]
+    lines += [f"name: {name}", f"fused_backend: {fused_backend}", "thresholds:"]
+    entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
+    order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))
+    lines += [f'  "{world_size}":  # measured',
+              f"    fused_max_bytes: {measured.fused_max_bytes}",
+              f"    oneshot_max_bytes: {measured.oneshot_max_bytes}"]
+    for ws in order:
+        key = ws if ws == "default" else f'"{ws}"'
+        lines += [f"  {key}:  # kept from profile {base.name!r}",
+                  f"    fused_max_bytes: {entries[ws].fused_max_bytes}",
+                  f"    oneshot_max_bytes: {entries[ws].oneshot_max_bytes}"]
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: Path, name: str, text: str) -> Path:
+    path = out_dir / "hardware" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -1,0 +1,106 @@
+"""The tune logic on recorded sweeps (H100 x2 op-level, benchmarks/results/h100x2.csv) and on made-up
+noisy, non-monotone ones."""
+
+from pathlib import Path
+
+from rangedispatch.bench.report import read_csv
+from rangedispatch.tune.crossover import leading_run_end, smoothed, thresholds
+
+ROOT = Path(__file__).resolve().parents[1]
+TIER = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot"}
+
+
+def _rows(series):
+    """series: {(hidden, fp8): [(tokens, nccl, oneshot, twoshot or None)]} at bf16."""
+    rows = []
+    for (hidden, fp8), points in series.items():
+        for tokens, *tiers in points:
+            for tier, us in zip(("nccl", "oneshot", "twoshot"), tiers):
+                if us is not None:
+                    rows.append(dict(hidden=hidden, fp8=fp8, tokens=tokens, bytes=tokens * hidden * 2, tier=tier, us=us))
+    return rows
+
+
+def test_recorded_h100_sweep_fuses_through_the_whole_sweep():
+    rows = [dict(hidden=r["hidden"], fp8=r["fp8"], tokens=r["tokens"], bytes=r["tokens"] * r["hidden"] * 2,
+                 tier=TIER[r["variant"]], us=r["us"])
+            for r in read_csv(ROOT / "benchmarks/results/h100x2.csv") if r["level"] == "op" and r["variant"] in TIER]
+    t = thresholds(rows)
+    assert t.fused_max_bytes == 4096 * 8192 * 2  # fused one-shot won at every size measured (<= 64 MiB)
+    assert t.oneshot_max_bytes == t.fused_max_bytes  # and one-shot always beat two-shot
+    assert all(s.capped_by_sweep for s in t.series)
+
+
+def test_crossover_with_a_noisy_point_and_a_late_loss():
+    # fused/nccl: 0.5, 0.55, 1.02 (one noisy loss), 0.6, 0.65, 0.9, then loses for good (1.05, 1.06)
+    points = [(1, 10, 5, None), (8, 10, 5.5, 9), (32, 10, 10.2, 12), (128, 10, 6, 8), (512, 20, 14, 13),
+              (2048, 40, 38, 36), (4096, 80, 84, 86), (8192, 160, 176, 170)]
+    t = thresholds(_rows({(2048, False): points}))
+    assert t.fused_max_bytes == 2048 * 2048 * 2
+    # one-shot / two-shot where both ran: 0.61, 0.85, 0.75, then two-shot wins for good (1.08, 1.06)
+    assert t.oneshot_max_bytes == 128 * 2048 * 2
+
+
+def test_most_restrictive_series_wins_and_first_loss_means_never():
+    small = [(1, 10, 5, None), (1024, 40, 30, 35), (16384, 400, 420, 450)]
+    large = [(1, 10, 5, None), (1024, 40, 30, 35), (4096, 150, 120, 140)]
+    t = thresholds(_rows({(2048, False): small, (8192, False): large}))
+    assert t.fused_max_bytes == 1024 * 2048 * 2  # 2048's series stops at 4 MiB; 8192's reaches 64 MiB
+    assert [s.capped_by_sweep for s in t.series] == [False, True]
+    never = thresholds(_rows({(4096, True): [(1, 10, 12, None), (64, 10, 11, 15), (1024, 20, 30, 25)]}))
+    assert never.fused_max_bytes == 0 and never.oneshot_max_bytes == 0
+
+
+def test_smoothing_helpers():
+    assert smoothed([1, 5, 1, 1]) == [1, 1, 1, 1] and smoothed([2, 1, 3]) == [2, 2, 3]
+    assert leading_run_end([1, 2, 3], [1.5, 0.5, 0.5]) is None  # losing at the smallest size: never
+    assert leading_run_end([1, 2, 3, 4], [0.5, 1.5, 0.5, 0.5]) == 4  # one noisy inner point: smoothed over
+    assert leading_run_end([1, 2, 3], [0.5, 0.5, 1.5]) == 2  # losing at the largest size stops the run
+
+
+def _ranges_with_profile(rank, world, config_dir):
+    import torch
+
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    model = TPMLPBlock(hidden=64, intermediate=128, dtype=torch.bfloat16)
+    out = {}
+    for profile in ("cpu", "mytuned"):
+        m = RangeCompiledModule(model, load_config([f"hardware={profile}", "dispatch.max_num_tokens=1024"],
+                                                   config_dirs=[config_dir]))
+        m(torch.randn(4, 64, dtype=torch.bfloat16))
+        out[profile] = [str(r) for r in m.ranges]
+    return out
+
+
+def test_tuned_profile_loads_and_moves_the_ranges(tmp_path):
+    from rangedispatch.config import load_config
+    from rangedispatch.launch import spawn_ranks
+    from rangedispatch.tune import crossover, profile
+
+    base = load_config(["hardware=cpu"]).hardware
+    text = profile.render("mytuned", "reference", 2, crossover.Thresholds(4096, 4096), base, ["test", "provenance"])
+    profile.write(tmp_path, "mytuned", text)
+    assert text.startswith("# Written by rangedispatch-tune. test\n# provenance\nname: mytuned")
+    tuned = load_config(["hardware=mytuned"], config_dirs=[tmp_path]).hardware
+    assert tuned.thresholds_for(2).fused_max_bytes == 4096
+    assert tuned.thresholds_for(4).fused_max_bytes == base.thresholds_for(4).fused_max_bytes  # kept
+    ranges = spawn_ranks(_ranges_with_profile, 2, str(tmp_path), backend="gloo")[0]
+    assert ranges["cpu"] == ["[1,8]", "[9,32]", "[33,512]", "[513,1024]"]  # 64 KiB / 128 B per token
+    assert ranges["mytuned"] == ["[1,8]", "[9,32]", "[33,1024]"]  # 4 KiB / 128 B = 32 tokens: on a split point
+
+
+def test_tune_cli_on_cpu_measures_the_reference_tier(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.tune", "tune.name=cpubox", "tune.hidden=[64]",
+                          "tune.max_bytes=512", "tune.repeats=1", "tune.replays=2", "tune.fp8=[false]",
+                          f"tune.out_dir={tmp_path}"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "CPU: measuring the reference tier" in out and "Spread between repeats" in out
+    from rangedispatch.config import load_config
+
+    hw = load_config(["hardware=cpubox"], config_dirs=[tmp_path]).hardware
+    assert hw.name == "cpubox" and hw.fused_backend == "reference"
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 3 * 2  # header + tokens 1, 2, 4 x 2 tiers
