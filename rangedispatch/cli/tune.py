@@ -72,7 +72,7 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         for hidden in tune.hidden:
             # the fused workspace is sized for max_num_tokens: only as large as this sweep needs
             sized = dataclasses.replace(lib, dispatch=dataclasses.replace(
-                lib.dispatch, max_num_tokens=max(tune.tokens(hidden)), split_points=[], compile_sizes=[]))
+                lib.dispatch, max_num_tokens=max(16, *tune.tokens(hidden)), split_points=[], compile_sizes=[]))
             for fp8 in tune.fp8:
                 for r in suites.op_level(sized, hidden, tune.tokens(hidden), fp8, tune.calls_per_graph, tune.replays,
                                          step, variants=list(tiers)):
