@@ -48,10 +48,12 @@ def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     unit = AllReduceNorm(hidden, fp8).to(device)
+    torch.manual_seed(0)
+    nccl_unit = AllReduceNorm(hidden, fp8, inplace=True).to(device)
     reference = dataclasses.replace(cfg, fusion=FusionConfig(enabled=True, backend="reference"))
     builders: dict[str, Callable[[], Callable]] = {
-        "nccl_eager_norm": lambda: unit,
-        "nccl_compiled_norm": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, None)),
+        "nccl_eager_norm": lambda: nccl_unit,
+        "nccl_compiled_norm": lambda: RangeCompiledModule(nccl_unit, with_fusion(cfg, world, None)),
         "fused_oneshot": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, EVERYWHERE)),
         "fused_twoshot": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, 0)),
         "fused_reference": lambda: RangeCompiledModule(unit, with_fusion(reference, world, EVERYWHERE, EVERYWHERE)),
@@ -68,8 +70,8 @@ def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: 
         for name, fn in fns.items():
             if name == "fused_twoshot" and n <= world:
                 continue  # two-shot needs more tokens than ranks
-            with torch.no_grad():
-                us, method = time_us(lambda: fn(x, r), calls, replays)
+            with torch.no_grad():  # (the in-place variant grows x by the world size each call: the
+                us, method = time_us(lambda: fn(x, r), calls, replays)  # values do not change kernel time)
             rows.append(dict(level="op", hidden=hidden, tokens=n, fp8=fp8, variant=name, us=round(us, 2), method=method))
             progress()
     return rows
