@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import platform
@@ -98,27 +99,33 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     from rangedispatch.tune import crossover, profile
 
     rows, info = result["rows"], result["info"]
-    per_repeat = [crossover.thresholds([r for r in rows if r["repeat"] == k]) for k in range(tune.repeats)]
+    repeats = sorted({r["repeat"] for r in rows})
+    per_repeat = [crossover.thresholds([r for r in rows if r["repeat"] == k]) for k in repeats]
     fused = [t.fused_max_bytes for t in per_repeat]
     oneshot = [t.oneshot_max_bytes for t in per_repeat]
-    final = crossover.Thresholds(min(fused), min(oneshot), per_repeat[0].series)
+    by_hidden = {h: min(t.by_hidden[h] for t in per_repeat) for h in per_repeat[0].by_hidden}
+    final = crossover.Thresholds(min(fused), min(oneshot), per_repeat[0].series, by_hidden)
     mib = lambda b: f"{b / 2**20:g} MiB"  # noqa: E731
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
              f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {tune.hidden}, fp8 {tune.fp8}, "
-             f"up to {mib(tune.max_bytes)} per rank, {tune.repeats} repeats.", "",
+             f"up to {mib(tune.max_bytes)} per rank, {len(repeats)} repeats.", "",
              "| repeat | fused_max_bytes | oneshot_max_bytes |", "|---|---|---|"]
     lines += [f"| {k} | {mib(f)} | {mib(o)} |" for k, (f, o) in enumerate(zip(fused, oneshot))]
-    lines += ["", f"Spread between repeats: fused {spread(fused)}, one-shot {spread(oneshot)}. "
-              f"Profile (smallest of the repeats): fused {mib(final.fused_max_bytes)}, one-shot {mib(final.oneshot_max_bytes)}.", "",
+    hidden_spread = ", ".join(f"hidden {h} {spread([t.by_hidden[h] for t in per_repeat])}" for h in by_hidden)
+    lines += ["", f"Spread between repeats: fused {spread(fused)}, one-shot {spread(oneshot)}; per hidden size: "
+              f"{hidden_spread}. Profile (smallest of the repeats): fused {mib(final.fused_max_bytes)} "
+              f"(per hidden size: {', '.join(f'{h}: {mib(b)}' for h, b in by_hidden.items())}), "
+              f"one-shot {mib(final.oneshot_max_bytes)}.", "",
               "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size |",
               "|---|---|---|---|---|"]
-    lines += [f"| {s.hidden} | {s.fp8} | {mib(s.fused_max_bytes)} | {mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} |"
+    lines += [f"| {s.hidden} | {s.fp8} | {mib(s.fused_max_bytes)} | "
+              f"{'no crossover' if s.oneshot_max_bytes is None else mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} |"
               for s in per_repeat[0].series]
     provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
                   f"flashinfer {info['flashinfer']}.",
                   f"Sweep: hidden {tune.hidden}, bf16, fp8 {tune.fp8}, 1..{mib(tune.max_bytes)} per rank; "
-                  f"{tune.repeats} repeats: fused {[mib(f) for f in fused]}, one-shot {[mib(o) for o in oneshot]}.",
+                  f"{len(repeats)} repeats: fused {[mib(f) for f in fused]}, one-shot {[mib(o) for o in oneshot]}.",
                   "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
     backend = "flashinfer" if result["cuda"] else "reference"
     return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware, provenance)
@@ -152,6 +159,20 @@ def plot(rows: list[dict], path: Path) -> str | None:
     return None
 
 
+SWEEP_FIELDS = ["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"]
+
+
+def _load_sweep(path: Path) -> dict:
+    """A recorded sweep (sweep.csv and the sweep_info.json beside it) to analyze again."""
+    import csv
+
+    with open(path) as f:
+        rows = [dict(repeat=int(r["repeat"]), hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]),
+                     bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f)]
+    info = json.loads((path.parent / "sweep_info.json").read_text())
+    return dict(rows=rows, info=info, cuda=info.pop("cuda"))
+
+
 @hydra.main(config_path=str(config_dir()), config_name="tune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     import csv
@@ -161,7 +182,9 @@ def main(cfg: DictConfig) -> None:
 
     lib, tune = split_config(cfg)
     cfg_yaml = OmegaConf.to_yaml(cfg)
-    if "WORLD_SIZE" in os.environ:
+    if tune.from_csv:
+        result = _load_sweep(Path(tune.from_csv))
+    elif "WORLD_SIZE" in os.environ:
         rank, world = init_from_env()
         result = measure_rank(rank, world, cfg_yaml)
         if rank != 0:
@@ -171,9 +194,10 @@ def main(cfg: DictConfig) -> None:
     out = Path(tune.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"])
+        w = csv.DictWriter(f, fieldnames=SWEEP_FIELDS)
         w.writeheader()
         w.writerows(result["rows"])
+    (out / "sweep_info.json").write_text(json.dumps({**result["info"], "cuda": result["cuda"]}, indent=1))
     summary, yaml_text = summarize(result, lib, tune)
     (out / "summary.md").write_text(summary)
     path = profile.write(out, tune.name, yaml_text)

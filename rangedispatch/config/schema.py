@@ -128,6 +128,13 @@ class FusionThresholds:
     fused_max_bytes: int = 0
     # Within the fused sizes, the one-shot kernel up to this size and two-shot above it.
     oneshot_max_bytes: int = 0
+    # Where the crossover was measured per hidden size (keys: hidden size as a string), it replaces
+    # fused_max_bytes for all-reduces of that hidden size: the byte threshold moves with the hidden
+    # size (smaller rows pay less per byte). Hidden sizes not listed use fused_max_bytes.
+    fused_max_bytes_by_hidden: dict[str, int] = field(default_factory=dict)
+
+    def fused_max_bytes_for(self, hidden: int) -> int:
+        return self.fused_max_bytes_by_hidden.get(str(hidden), self.fused_max_bytes)
 
 
 @dataclass
@@ -158,9 +165,20 @@ class HardwareConfig:
             if isinstance(t, dict):
                 t = FusionThresholds(**t)
             if not isinstance(t, FusionThresholds):
-                raise fail(f"{k}.thresholds.{ws}", t, "a mapping with fused_max_bytes, oneshot_max_bytes")
+                raise fail(f"{k}.thresholds.{ws}", t,
+                           "a mapping with fused_max_bytes, oneshot_max_bytes, fused_max_bytes_by_hidden")
             check_int(f"{k}.thresholds.{ws}.fused_max_bytes", t.fused_max_bytes, lo=0)
             check_int(f"{k}.thresholds.{ws}.oneshot_max_bytes", t.oneshot_max_bytes, lo=0)
+            if not isinstance(t.fused_max_bytes_by_hidden, dict):
+                raise fail(f"{k}.thresholds.{ws}.fused_max_bytes_by_hidden", t.fused_max_bytes_by_hidden,
+                           "a mapping of hidden size to bytes")
+            by_hidden = {}
+            for hidden, limit in t.fused_max_bytes_by_hidden.items():
+                key = f"{k}.thresholds.{ws}.fused_max_bytes_by_hidden.{hidden}"
+                if not str(hidden).isdigit():
+                    raise fail(key, hidden, "a hidden size (integer) as key")
+                by_hidden[str(hidden)] = check_int(key, limit, lo=0)
+            t.fused_max_bytes_by_hidden = by_hidden
             normalized[ws] = t
         self.thresholds = normalized
 

@@ -73,21 +73,22 @@ class AllReduceRMSNormFusion(GraphPass):
                 continue
             static = [s for s in val.shape if not isinstance(s, torch.SymInt)]
             bytes_per_token = math.prod(static) * val.element_size() if static else val.element_size()
-            self.sites[(group_name, bytes_per_token)] = self._token_limit(group_name, bytes_per_token)
+            hidden = val.shape[-1] if not isinstance(val.shape[-1], torch.SymInt) else 0
+            self.sites[(group_name, bytes_per_token)] = self._token_limit(group_name, hidden, bytes_per_token)
         if not self.sites:
             return []
         self.max_tokens = min(min(self.sites.values()), self.max_num_tokens)
         return [self.max_tokens] if self.max_tokens >= 1 else []
 
-    def _token_limit(self, group_name: str, bytes_per_token: int) -> int:
+    def _token_limit(self, group_name: str, hidden: int, bytes_per_token: int) -> int:
         world_size = group_size(group_name)
         if world_size < 2:
             log.info("fusion off for group %s: world size %d has nothing to all-reduce across", group_name, world_size)
             return 0
-        limit = self.hardware.thresholds_for(world_size).fused_max_bytes // bytes_per_token
-        log.info("fusion pays up to %d tokens for group %s (world size %d, %d bytes/token, hardware %s: %d bytes)",
-                 limit, group_name, world_size, bytes_per_token, self.hardware.name,
-                 self.hardware.thresholds_for(world_size).fused_max_bytes)
+        max_bytes = self.hardware.thresholds_for(world_size).fused_max_bytes_for(hidden)
+        limit = max_bytes // bytes_per_token
+        log.info("fusion pays up to %d tokens for group %s (world size %d, hidden %d, %d bytes/token, hardware %s: "
+                 "%d bytes)", limit, group_name, world_size, hidden, bytes_per_token, self.hardware.name, max_bytes)
         return limit
 
     def applies(self, r: Range) -> bool:
@@ -144,7 +145,8 @@ class AllReduceRMSNormFusion(GraphPass):
         return True
 
     def config_key(self) -> str:
-        t = sorted((k, v.fused_max_bytes, v.oneshot_max_bytes) for k, v in self.hardware.thresholds.items())
+        t = sorted((k, v.fused_max_bytes, v.oneshot_max_bytes, sorted(v.fused_max_bytes_by_hidden.items()))
+                   for k, v in self.hardware.thresholds.items())
         return f"v{PASS_VERSION}|{self.hardware.name}|{t}|{self.backend}|max_tokens={self.max_tokens}"
 
 

@@ -28,8 +28,10 @@ class TuneConfig:
     # Timing: calls per CUDA graph and replays (median).
     calls_per_graph: int = 10
     replays: int = 15
-    # Where hardware/<name>.yaml, sweep.csv, summary.md and sweep.png go.
+    # Where hardware/<name>.yaml, sweep.csv (+ sweep_info.json), summary.md and sweep.png go.
     out_dir: str = "tune-results"
+    # Analyze a recorded sweep.csv (with its sweep_info.json) instead of measuring.
+    from_csv: str = ""
 
     def __post_init__(self) -> None:
         k = self.SECTION

@@ -24,15 +24,16 @@ class SeriesResult:
     hidden: int
     fp8: bool
     fused_max_bytes: int
-    oneshot_max_bytes: int
+    oneshot_max_bytes: Optional[int]  # None: one-shot never lost to two-shot inside the fused sizes
     capped_by_sweep: bool  # fusion still paid at the largest size measured
 
 
 @dataclass
 class Thresholds:
-    fused_max_bytes: int
+    fused_max_bytes: int  # the most restrictive over all hidden sizes: for hidden sizes not measured
     oneshot_max_bytes: int
     series: list[SeriesResult] = field(default_factory=list)
+    by_hidden: dict[int, int] = field(default_factory=dict)  # fused_max_bytes per measured hidden size
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -67,17 +68,17 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
         ratios = [f / by_bytes[b]["nccl"] for f, b in zip(fused, sizes)]
         fused_max = leading_run_end(sizes, ratios) or 0
         both = [b for b in sizes if b <= fused_max and "oneshot" in by_bytes[b] and "twoshot" in by_bytes[b]]
+        oneshot_max = None
         if both:
             one_two = [by_bytes[b]["oneshot"] / by_bytes[b]["twoshot"] for b in both]
-            oneshot_max = leading_run_end(both, one_two) or 0
-            if oneshot_max == both[-1]:
-                oneshot_max = fused_max  # one-shot won everywhere two-shot was measured
-        else:
-            oneshot_max = fused_max
-        results.append(SeriesResult(hidden, fp8, fused_max, min(oneshot_max, fused_max),
-                                    capped_by_sweep=fused_max == sizes[-1]))
+            end = leading_run_end(both, one_two) or 0
+            oneshot_max = None if end == both[-1] else end
+        results.append(SeriesResult(hidden, fp8, fused_max, oneshot_max, capped_by_sweep=fused_max == sizes[-1]))
     if not results:
         return Thresholds(0, 0, [])
-    fused_max = min(s.fused_max_bytes for s in results)
-    oneshot_max = min(min(s.oneshot_max_bytes for s in results), fused_max)
-    return Thresholds(fused_max, oneshot_max, results)
+    by_hidden: dict[int, int] = {}
+    for s in results:
+        by_hidden[s.hidden] = min(by_hidden.get(s.hidden, s.fused_max_bytes), s.fused_max_bytes)
+    crossovers = [s.oneshot_max_bytes for s in results if s.oneshot_max_bytes is not None]
+    oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
+    return Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)

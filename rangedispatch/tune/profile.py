@@ -15,15 +15,22 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
     lines += [f"name: {name}", f"fused_backend: {fused_backend}", "thresholds:"]
     entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
     order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))
-    lines += [f'  "{world_size}":  # measured',
-              f"    fused_max_bytes: {measured.fused_max_bytes}",
-              f"    oneshot_max_bytes: {measured.oneshot_max_bytes}"]
+    lines += [f'  "{world_size}":  # measured', *_entry(measured.fused_max_bytes, measured.oneshot_max_bytes,
+                                                      {str(h): b for h, b in sorted(measured.by_hidden.items())})]
     for ws in order:
         key = ws if ws == "default" else f'"{ws}"'
+        t = entries[ws]
         lines += [f"  {key}:  # kept from profile {base.name!r}",
-                  f"    fused_max_bytes: {entries[ws].fused_max_bytes}",
-                  f"    oneshot_max_bytes: {entries[ws].oneshot_max_bytes}"]
+                  *_entry(t.fused_max_bytes, t.oneshot_max_bytes, t.fused_max_bytes_by_hidden)]
     return "\n".join(lines) + "\n"
+
+
+def _entry(fused: int, oneshot: int, by_hidden: dict[str, int]) -> list[str]:
+    lines = [f"    fused_max_bytes: {fused}", f"    oneshot_max_bytes: {oneshot}"]
+    if by_hidden:
+        lines.append("    fused_max_bytes_by_hidden:")
+        lines += [f'      "{h}": {b}' for h, b in by_hidden.items()]
+    return lines
 
 
 def write(out_dir: Path, name: str, text: str) -> Path:
