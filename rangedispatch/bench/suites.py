@@ -86,8 +86,9 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
     model = TPMLPBlock(hidden=hidden, intermediate=intermediate, layers=layers, norm="functional",
                        dtype=torch.bfloat16).cuda()
     plain = torch.compile(model)
-    dispatch = RangeCompiledModule(model, with_fusion(cfg, world, cfg.hardware.thresholds_for(world).fused_max_bytes,
-                                                      cfg.hardware.thresholds_for(world).oneshot_max_bytes, max_n))
+    as_profiled = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, max_num_tokens=max_n,
+                                      split_points=[p for p in cfg.dispatch.split_points if p < max_n]))
+    dispatch = RangeCompiledModule(model, as_profiled)  # the hardware profile's thresholds, as they are
     variants: dict[str, Callable] = {
         "torch_compile": plain,
         "fusion_off": RangeCompiledModule(model, with_fusion(cfg, world, None, max_num_tokens=max_n)),
