@@ -19,6 +19,7 @@ class TokenCounter:
 
     def __init__(self, forward: Callable, token_arg: Union[int, str], token_dims: Sequence[int]):
         self.dims = list(token_dims)
+        self.single_dim = self.dims[0] if len(self.dims) == 1 else None
         self.position: Optional[int] = None
         self.name: Optional[str] = None
         params = _positional_params(forward)
@@ -53,10 +54,11 @@ class TokenCounter:
         take the symbolic graph's fast path: Dynamo specializes dims of size 0 and 1."""
         pos = self.position
         x = args[pos] if pos is not None and pos < len(args) else self.token_input(args, kwargs)
-        shape = x.shape
-        if len(self.dims) == 1:
-            n = shape[self.dims[0]]
+        dim = self.single_dim
+        if dim is not None:
+            n = x.shape[dim]
             return x, n, n >= 2
+        shape = x.shape
         sizes = [shape[d] for d in self.dims]
         return x, math.prod(sizes), min(sizes) >= 2
 

@@ -47,7 +47,8 @@ class RangeCompiledModule(nn.Module):
         policy = CompilePolicy(passes_for=self._passes_for, max_autotune_for=self._max_autotune_for)
         self._graphs = GraphCache(policy, on_new_graph=self._on_new_graph)
         self._state = self._graphs.state
-        self._guardless: Optional[Callable] = None
+        self._guardless: Optional[guardless.GuardlessForward] = None
+        self._call: Optional[Callable] = None  # the per-call path, built once the model is traced
         self._signature: Optional[TraceSignature] = None
         _reserve_dynamo_entries()
         self._cudagraphs: Optional[CudaGraphRunner] = (
@@ -59,33 +60,55 @@ class RangeCompiledModule(nn.Module):
 
     # ----------------------------------------------------------------------------- hot path
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        table = self._table
-        if table is None:
+        call = self._call
+        if call is None:
             return self._trace_call(args, kwargs)
-        x, n, fast_ok = self._counter.read(args, kwargs)
-        r = table.lookup(n)
-        if r is None:
-            return self._out_of_range(n, args, kwargs)
-        self._calls[r] += 1
-        graphs = self._cudagraphs
-        if graphs is not None:
-            s = graphs.size_for(r, n)
-            if s is not None:
-                return graphs.replay(r, s, n, x, args, kwargs)
-        return self._run(r, x, fast_ok, args, kwargs)
+        return call(args, kwargs)
 
     forward = __call__
 
-    def _run(self, r: Range, x: Any, fast_ok: bool, args: tuple, kwargs: dict) -> Any:
-        state = self._state
-        state.range = r
-        try:
-            fast = self._guardless
-            if fast is not None and fast_ok and self._signature.matches(x, self._model):
-                return fast(self._model, *args, **kwargs)
-            return self._compiled(*args, **kwargs)
-        finally:
-            state.range = None
+    def _build_call_path(self) -> None:
+        """After tracing: the per-call path, as closures over everything it reads. It runs on every
+        forward call, so it does no attribute lookups on self (each costs more than a dict hit).
+        Without guards, a compiled range runs Dynamo's bytecode bound to that range's artifact; the
+        first call of a range (which compiles it) goes through the graph's range dispatch."""
+        read, lookup, calls = self._counter.read, self._table.lookup, self._calls
+        state, model, compiled, graphs = self._state, self._model, self._compiled, self._cudagraphs
+        guardless_fwd = self._guardless
+        fast = guardless_fwd.generic if guardless_fwd is not None else None
+        matches = self._signature.matches if guardless_fwd is not None else None
+        graph = self._graphs.graphs[0] if guardless_fwd is not None else None
+        direct: dict[Range, Callable] = {}  # range -> guardless forward calling its artifact
+        out_of_range = self._out_of_range
+
+        def run(r: Range, x: Any, fast_ok: bool, args: tuple, kwargs: dict) -> Any:
+            state.range = r
+            try:
+                if fast_ok and matches is not None and matches(x, model):
+                    out = fast(model, *args, **kwargs)
+                    if r in graph.artifacts:
+                        direct[r] = guardless_fwd.for_artifact(graph.artifacts[r])
+                    return out
+                return compiled(*args, **kwargs)
+            finally:
+                state.range = None
+
+        def call(args: tuple, kwargs: dict) -> Any:
+            x, n, fast_ok = read(args, kwargs)
+            r = lookup(n)
+            if r is None:
+                return out_of_range(n, args, kwargs)
+            calls[r] += 1
+            if graphs is not None:
+                s = graphs.size_for(r, n)
+                if s is not None:
+                    return graphs.replay(r, s, n, x, args, kwargs)
+            f = direct.get(r)
+            if f is not None and fast_ok and matches(x, model):
+                return f(model, *args, **kwargs)
+            return run(r, x, fast_ok, args, kwargs)
+
+        self._run, self._call = run, call
 
     def _run_for_capture(self, r: Range, args: tuple, kwargs: dict) -> Any:
         x, _, fast_ok = self._counter.read(args, kwargs)
@@ -210,6 +233,7 @@ class RangeCompiledModule(nn.Module):
                 self._signature = guardless.TraceSignature(x, self._model)
                 log.info("Dynamo guards: %s", "skipped after tracing (dispatch.skip_dynamo_guards)"
                          if self._guardless else "kept (graph breaks or no single transformed forward)")
+            self._build_call_path()
             r = self._table.lookup(n)
             if r is not None:
                 self._calls[r] += 1

@@ -170,3 +170,19 @@ def test_cudagraph_sizes_need_cuda_inputs():
     with pytest.raises(ConfigError, match="dispatch.cudagraph_sizes=\\[16\\] needs CUDA inputs; the token input is on cpu"):
         run(m, 12)
     run(m, 40)  # no captured size in [33,64]: runs without a graph
+
+
+def test_guardless_path_runs_each_ranges_artifact_and_leaves_module_globals_alone():
+    import helpers
+
+    before = set(vars(helpers))
+    model, m = make()
+    for n in (4, 5, 5, 20, 20):
+        y, args = run(m, n)
+        torch.testing.assert_close(y, model(*args))
+    assert m._guardless is not None
+    added = set(vars(helpers)) - before
+    assert all(name.startswith(("__compiled_fn", "__builtins_dict", "__import_")) for name in added)  # Dynamo's own
+    model.train(False)  # module.training changed: the guarded path takes over, still correct
+    y, args = run(m, 6)
+    torch.testing.assert_close(y, model(*args))

@@ -1,13 +1,11 @@
-"""The tune logic on recorded sweeps (H100 x2 op-level, benchmarks/results/h100x2.csv) and on made-up
-noisy, non-monotone ones."""
+"""The tune logic on the recorded H100 x2 sweep (benchmarks/results/tune_h100x2/), on it with added
+noise, and on made-up noisy, non-monotone sweeps."""
 
 from pathlib import Path
 
-from rangedispatch.bench.report import read_csv
 from rangedispatch.tune.crossover import leading_run_end, smoothed, thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
-TIER = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot"}
 
 
 def _rows(series):
@@ -21,14 +19,38 @@ def _rows(series):
     return rows
 
 
-def test_recorded_h100_sweep_fuses_through_the_whole_sweep():
-    rows = [dict(hidden=r["hidden"], fp8=r["fp8"], tokens=r["tokens"], bytes=r["tokens"] * r["hidden"] * 2,
-                 tier=TIER[r["variant"]], us=r["us"])
-            for r in read_csv(ROOT / "benchmarks/results/h100x2.csv") if r["level"] == "op" and r["variant"] in TIER]
-    t = thresholds(rows)
-    assert t.fused_max_bytes == 4096 * 8192 * 2  # fused one-shot won at every size measured (<= 64 MiB)
-    assert t.oneshot_max_bytes == t.fused_max_bytes  # and one-shot always beat two-shot
-    assert all(s.capped_by_sweep for s in t.series)
+def _recorded_sweep(repeat=0):
+    import csv
+
+    with open(ROOT / "benchmarks/results/tune_h100x2/sweep.csv") as f:
+        return [dict(hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]), bytes=int(r["bytes"]),
+                     tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f) if int(r["repeat"]) == repeat]
+
+
+MiB = 1 << 20
+
+
+def test_recorded_h100_sweep_gives_the_committed_thresholds():
+    for repeat in (0, 1):
+        t = thresholds(_recorded_sweep(repeat))
+        assert t.by_hidden == {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}
+        assert t.fused_max_bytes == 8 * MiB and t.oneshot_max_bytes == 64 * MiB
+    from rangedispatch.config import load_config
+
+    h100 = load_config(["hardware=h100"]).hardware.thresholds_for(2)
+    assert h100.fused_max_bytes == 8 * MiB
+    assert h100.fused_max_bytes_by_hidden == {"2048": 8 * MiB, "4096": 32 * MiB, "8192": 64 * MiB}
+
+
+def test_recorded_sweep_with_added_noise_moves_at_most_one_step():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(20):
+        noisy = [dict(r, us=r["us"] * rng.uniform(0.96, 1.04)) for r in _recorded_sweep()]
+        t = thresholds(noisy)
+        for hidden, limit in {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}.items():
+            assert limit // 2 <= t.by_hidden[hidden] <= limit * 2, (hidden, t.by_hidden)
 
 
 def test_crossover_with_a_noisy_point_and_a_late_loss():
