@@ -118,10 +118,23 @@ def _refusals(rank, world):
         a, b = m(x, r)
         ae, be = model(x, r)
     out["side_use"] = (m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32))
+
+    # a backend that cannot take the site (flashinfer on CPU tensors): not fused, no split point
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=128, norm="llama", dtype=torch.bfloat16)
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "fusion.backend=flashinfer",
+                                                "dispatch.max_num_tokens=1024"]))
+    x = torch.randn(16, HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        m(x.clone())
+        y, _ = m(x.clone())
+        ye, _ = model(x.clone())
+    out["backend_unsupported"] = ([str(r) for r in m.ranges], m.stats()[m.range_for(16)]["passes"],
+                                  _close(y, ye, False, torch.bfloat16))
     return out
 
 
 def test_patterns_that_must_not_match_keep_eager_numerics():
     res = spawn_ranks(_refusals, 2, backend="gloo")[0]
+    assert res["backend_unsupported"] == (["[1,8]", "[9,32]", "[33,1024]"], [], True)
     assert res["fp32_weight"] == ({"allreduce_rmsnorm": 0}, True)
     assert res["side_use"] == ({"allreduce_rmsnorm": 0}, True)

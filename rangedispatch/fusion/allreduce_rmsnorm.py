@@ -74,11 +74,21 @@ class AllReduceRMSNormFusion(GraphPass):
             static = [s for s in val.shape if not isinstance(s, torch.SymInt)]
             bytes_per_token = math.prod(static) * val.element_size() if static else val.element_size()
             hidden = val.shape[-1] if not isinstance(val.shape[-1], torch.SymInt) else 0
+            reason = self._backend().site_unsupported(val.device, val.dtype, hidden, group_size(group_name))
+            if reason is not None:
+                log.info("fusion off for all-reduce %s: %s", node.name, reason)
+                self.sites[(group_name, bytes_per_token)] = 0
+                continue
             self.sites[(group_name, bytes_per_token)] = self._token_limit(group_name, hidden, bytes_per_token)
         if not self.sites:
             return []
         self.max_tokens = min(min(self.sites.values()), self.max_num_tokens)
         return [self.max_tokens] if self.max_tokens >= 1 else []
+
+    def _backend(self):
+        from rangedispatch.fusion import backends
+
+        return backends.get(self.backend)
 
     def _token_limit(self, group_name: str, hidden: int, bytes_per_token: int) -> int:
         world_size = group_size(group_name)

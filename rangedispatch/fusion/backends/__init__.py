@@ -39,8 +39,11 @@ class FusedCall:
 class FusedBackend(Protocol):
     name: str
 
+    def site_unsupported(self, device: torch.device, dtype: torch.dtype, hidden: int, world: int) -> Optional[str]:
+        """Why a traced all-reduce site cannot use this backend at all (it is left unfused), or None."""
+
     def unsupported(self, call: FusedCall) -> Optional[str]:
-        """None if this backend runs the call, else why not."""
+        """None if this backend runs the call, else why not (the call falls back to reference)."""
 
     def run(self, call: FusedCall) -> tuple[torch.Tensor, torch.Tensor]:
         ...
@@ -78,6 +81,9 @@ def run_fused(name: str, call: FusedCall) -> tuple[torch.Tensor, torch.Tensor]:
 class _Unavailable:
     def __init__(self, name: str, reason: str):
         self.name, self.reason = name, reason
+
+    def site_unsupported(self, *args) -> Optional[str]:
+        return None  # decided per call: the fused op falls back to reference with one warning
 
     def unsupported(self, *args) -> Optional[str]:
         return self.reason

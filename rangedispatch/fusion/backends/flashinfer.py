@@ -21,6 +21,7 @@ log = logging.getLogger("rangedispatch")
 
 SUPPORTED_WORLD_SIZES = (2, 4, 8, 16)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+VECTOR_BYTES = 16  # the kernels move rows in 16-byte vectors
 
 
 class FlashInferBackend:
@@ -43,18 +44,25 @@ class FlashInferBackend:
                 self._import_error = f"flashinfer.comm unavailable ({type(e).__name__}: {e})"
         return self._comm
 
+    def site_unsupported(self, device: torch.device, dtype: torch.dtype, hidden: int, world: int) -> Optional[str]:
+        """Why an all-reduce site cannot use this backend (the pass then leaves it unfused), or None.
+        Decided from the traced graph, without importing FlashInfer."""
+        if device.type != "cuda":
+            return f"flashinfer needs CUDA tensors; this all-reduce is on {device}"
+        if dtype not in SUPPORTED_DTYPES:
+            return f"flashinfer: dtype {dtype} not supported (bf16, fp16, fp32)"
+        if world not in SUPPORTED_WORLD_SIZES:
+            return f"flashinfer: world size {world} not supported ({SUPPORTED_WORLD_SIZES})"
+        if hidden <= 0 or (hidden * torch.finfo(dtype).bits // 8) % VECTOR_BYTES:
+            return f"flashinfer: hidden size {hidden} x {dtype} is not a multiple of {VECTOR_BYTES} bytes"
+        return None
+
     def unsupported(self, call: FusedCall) -> Optional[str]:
         x = call.input
-        if not x.is_cuda:
-            return "input is not on a CUDA device"
-        if x.dtype not in SUPPORTED_DTYPES:
-            return f"dtype {x.dtype} not supported (bf16, fp16, fp32)"
-        world = _group(call.group_name).size()
-        if world not in SUPPORTED_WORLD_SIZES:
-            return f"world size {world} not supported ({SUPPORTED_WORLD_SIZES})"
-        if self._flashinfer() is None:
-            return self._import_error
-        return None
+        reason = self.site_unsupported(x.device, x.dtype, x.shape[-1], _group(call.group_name).size())
+        if reason is None and self._flashinfer() is None:
+            reason = self._import_error
+        return reason
 
     def _workspace(self, call: FusedCall, hidden: int) -> Any:
         x = call.input

@@ -11,6 +11,9 @@ from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
 class ReferenceBackend:
     name = "reference"
 
+    def site_unsupported(self, device, dtype, hidden, world):
+        return None
+
     def unsupported(self, call):
         return None
 
