@@ -35,6 +35,12 @@ def test_defaults_and_overrides():
     ("foo=1", "unknown key 'foo'; allowed keys under the root: dispatch, compile, fusion, hardware"),
     ("hardware=tpu9", "hardware='tpu9' is not a known hardware profile; available: b200, cpu, gpu_generic, h100, h200"),
     ("hardware=cpu hardware.thresholds.default.fused_max_bytes=-1", "hardware.thresholds.default.fused_max_bytes=-1 is not allowed"),
+    ("hardware=cpu hardware.thresholds.default.symm_mem_max_bytes=1",
+     "hardware.thresholds.default.symm_mem_max_bytes is not set in the selected config (it defaults to 0); to set "
+     "it, add it: '+hardware.thresholds.default.symm_mem_max_bytes=...'"),
+    ("hardware=cpu +hardware.thresholds.default.bogus=1",
+     "unknown key 'hardware.thresholds.default.bogus'; allowed keys under hardware.thresholds.default: fused_max_bytes"),
+    ("fusion.symm_mem=maybe", "fusion.symm_mem='maybe' is not allowed; expected true or false"),
 ])
 def test_bad_input_names_key_value_and_allowed(override, expected):
     with pytest.raises(ConfigError) as e:

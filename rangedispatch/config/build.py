@@ -46,6 +46,18 @@ def _build_value(hint: Any, value: Any, key: str) -> Any:
     return value
 
 
+def schema_at(cls: type, path: str) -> Any:
+    """The dataclass a dotted key path leads to from ``cls`` (through dict values), else None."""
+    for part in [p for p in path.split(".") if p]:
+        if dataclasses.is_dataclass(cls):
+            cls = typing.get_type_hints(cls).get(part)
+        elif typing.get_origin(cls) is dict:
+            cls = typing.get_args(cls)[1]
+        else:
+            return None
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 

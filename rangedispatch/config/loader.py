@@ -148,11 +148,13 @@ def _explain_hydra_error(e: Exception) -> str:
     cause = e.__cause__
     full_key = getattr(cause, "full_key", None)
     if full_key and "not in struct" in str(cause):
-        from rangedispatch.config.build import _field_names
+        from rangedispatch.config.build import _field_names, schema_at
 
-        parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-        section = {"dispatch": DispatchConfig, "compile": CompileConfig, "fusion": FusionConfig,
-                   "hardware": HardwareConfig}.get(parent)
-        allowed = _field_names(section) if section else ["dispatch", "compile", "fusion", "hardware"]
+        parent, _, name = full_key.rpartition(".")
+        section = schema_at(RangeDispatchConfig, parent)
+        allowed = _field_names(section) if section else []
+        if name in allowed:  # a schema key the profile's YAML leaves at its default: Hydra needs '+'
+            return (f"{full_key} is not set in the selected config (it defaults to "
+                    f"{getattr(section(), name)!r}); to set it, add it: '+{full_key}=...'")
         return f"unknown key {full_key!r}; allowed keys under {parent or 'the root'}: {', '.join(allowed)}"
     return text

@@ -7,7 +7,7 @@ Either way ``__post_init__`` checks every value and raises ``ConfigError`` with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Union
 
 from rangedispatch.config.checks import (
@@ -112,11 +112,16 @@ class FusionConfig:
     enabled: bool = True
     # Kernel behind the fused op: "auto" takes the hardware profile's choice and falls back to
     # "reference" (all-reduce through the process group + eager-equal math) where it cannot run.
+    # "reference" also makes the symmetric-memory tier reduce through the process group.
     backend: str = "auto"
+    # Use the profile's symmetric-memory tier (thresholds symm_mem_*) where it gives one: CUDA,
+    # bf16/fp32 all-reduces, sum. Off: those sizes stay with NCCL (and no symmetric buffer is made).
+    symm_mem: bool = True
 
     def __post_init__(self) -> None:
         check_bool(f"{self.SECTION}.enabled", self.enabled)
         check_choice(f"{self.SECTION}.backend", self.backend, FUSED_BACKENDS)
+        check_bool(f"{self.SECTION}.symm_mem", self.symm_mem)
 
 
 @dataclass
@@ -132,6 +137,13 @@ class FusionThresholds:
     # fused_max_bytes for all-reduces of that hidden size: the byte threshold moves with the hidden
     # size (smaller rows pay less per byte). Hidden sizes not listed use fused_max_bytes.
     fused_max_bytes_by_hidden: dict[str, int] = field(default_factory=dict)
+    # The symmetric-memory tier (torch symm-mem all-reduce, then the compiled norm) for all-reduces
+    # the fused tier leaves: from symm_mem_min_bytes up to symm_mem_max_bytes; NCCL beyond. Its
+    # buffer (symm_mem_max_bytes per rank and group) is allocated on first use. 0 max: no tier.
+    symm_mem_min_bytes: int = 0
+    symm_mem_max_bytes: int = 0
+    # Within that tier, the one-shot kernel up to this size and two-shot above it.
+    symm_mem_oneshot_max_bytes: int = 0
 
     def fused_max_bytes_for(self, hidden: int) -> int:
         return self.fused_max_bytes_by_hidden.get(str(hidden), self.fused_max_bytes)
@@ -166,9 +178,13 @@ class HardwareConfig:
                 t = FusionThresholds(**t)
             if not isinstance(t, FusionThresholds):
                 raise fail(f"{k}.thresholds.{ws}", t,
-                           "a mapping with fused_max_bytes, oneshot_max_bytes, fused_max_bytes_by_hidden")
+                           f"a mapping with {', '.join(f.name for f in fields(FusionThresholds))}")
             check_int(f"{k}.thresholds.{ws}.fused_max_bytes", t.fused_max_bytes, lo=0)
-            check_int(f"{k}.thresholds.{ws}.oneshot_max_bytes", t.oneshot_max_bytes, lo=0)
+            for name in ("oneshot_max_bytes", "symm_mem_min_bytes", "symm_mem_max_bytes", "symm_mem_oneshot_max_bytes"):
+                check_int(f"{k}.thresholds.{ws}.{name}", getattr(t, name), lo=0)
+            if t.symm_mem_max_bytes and t.symm_mem_min_bytes > t.symm_mem_max_bytes:
+                raise fail(f"{k}.thresholds.{ws}.symm_mem_min_bytes", t.symm_mem_min_bytes,
+                           f"at most symm_mem_max_bytes ({t.symm_mem_max_bytes})")
             if not isinstance(t.fused_max_bytes_by_hidden, dict):
                 raise fail(f"{k}.thresholds.{ws}.fused_max_bytes_by_hidden", t.fused_max_bytes_by_hidden,
                            "a mapping of hidden size to bytes")

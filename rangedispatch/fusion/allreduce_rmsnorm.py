@@ -10,7 +10,6 @@ point, so that one range ends exactly where fusion stops paying.
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from typing import Optional
 
@@ -19,34 +18,11 @@ import torch.fx
 
 from rangedispatch.config.schema import HardwareConfig
 from rangedispatch.fusion.matcher import FusionMatch, find_matches
+from rangedispatch.fusion.sites import AllReduceSite, all_reduce_sites, group_size, source_digest
 from rangedispatch.passes import GraphPass
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
-
-
-
-def _source_digest() -> str:
-    """Hash of the code that shapes the rewritten graph: a changed matcher must never get a graph
-    that Inductor cached for the old one."""
-    import hashlib
-    from pathlib import Path
-
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in ("allreduce_rmsnorm.py", "matcher.py", "op.py", "numerics.py"):
-        h.update((here / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-PASS_VERSION = _source_digest()
-_ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_reduce.default)
-
-
-def group_size(group_name: str) -> int:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(group_name).size()
 
 
 class AllReduceRMSNormFusion(GraphPass):
@@ -64,22 +40,13 @@ class AllReduceRMSNormFusion(GraphPass):
 
     # -- before ranges are final -------------------------------------------------------------
     def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _ALL_REDUCE_TARGETS:
-                continue
-            val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
-            group_name = node.args[2]
-            if not isinstance(val, torch.Tensor):
-                continue
-            static = [s for s in val.shape if not isinstance(s, torch.SymInt)]
-            bytes_per_token = math.prod(static) * val.element_size() if static else val.element_size()
-            hidden = val.shape[-1] if not isinstance(val.shape[-1], torch.SymInt) else 0
-            reason = self._backend().site_unsupported(val.device, val.dtype, hidden, group_size(group_name))
+        for site in all_reduce_sites(gm):
+            reason = self._backend().site_unsupported(site.device, site.dtype, site.hidden, site.world_size)
             if reason is not None:
-                log.info("fusion off for all-reduce %s: %s", node.name, reason)
-                self.sites[(group_name, bytes_per_token)] = 0
+                log.info("fusion off for all-reduce %s: %s", site.node, reason)
+                self.sites[site.key] = 0
                 continue
-            self.sites[(group_name, bytes_per_token)] = self._token_limit(group_name, hidden, bytes_per_token)
+            self.sites[site.key] = self._token_limit(site)
         if not self.sites:
             return []
         self.max_tokens = min(min(self.sites.values()), self.max_num_tokens)
@@ -90,15 +57,16 @@ class AllReduceRMSNormFusion(GraphPass):
 
         return backends.get(self.backend)
 
-    def _token_limit(self, group_name: str, hidden: int, bytes_per_token: int) -> int:
-        world_size = group_size(group_name)
-        if world_size < 2:
-            log.info("fusion off for group %s: world size %d has nothing to all-reduce across", group_name, world_size)
+    def _token_limit(self, site: AllReduceSite) -> int:
+        if site.world_size < 2:
+            log.info("fusion off for group %s: world size %d has nothing to all-reduce across", site.group_name,
+                     site.world_size)
             return 0
-        max_bytes = self.hardware.thresholds_for(world_size).fused_max_bytes_for(hidden)
-        limit = max_bytes // bytes_per_token
+        max_bytes = self.hardware.thresholds_for(site.world_size).fused_max_bytes_for(site.hidden)
+        limit = max_bytes // site.bytes_per_token
         log.info("fusion pays up to %d tokens for group %s (world size %d, hidden %d, %d bytes/token, hardware %s: "
-                 "%d bytes)", limit, group_name, world_size, hidden, bytes_per_token, self.hardware.name, max_bytes)
+                 "%d bytes)", limit, site.group_name, site.world_size, site.hidden, site.bytes_per_token,
+                 self.hardware.name, max_bytes)
         return limit
 
     def applies(self, r: Range) -> bool:
@@ -157,7 +125,7 @@ class AllReduceRMSNormFusion(GraphPass):
     def config_key(self) -> str:
         t = sorted((k, v.fused_max_bytes, v.oneshot_max_bytes, sorted(v.fused_max_bytes_by_hidden.items()))
                    for k, v in self.hardware.thresholds.items())
-        return f"v{PASS_VERSION}|{self.hardware.name}|{t}|{self.backend}|max_tokens={self.max_tokens}"
+        return f"v{source_digest()}|{self.hardware.name}|{t}|{self.backend}|max_tokens={self.max_tokens}"
 
 
 def _fake_outputs(node: torch.fx.Node):

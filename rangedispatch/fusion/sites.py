@@ -1,0 +1,63 @@
+"""The all-reduces of a traced graph, as the tier passes see them before ranges are final: which
+process group, how many bytes per token, on what device and dtype."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.fx
+
+ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_reduce.default)
+
+
+@dataclass(frozen=True)
+class AllReduceSite:
+    node: str
+    group_name: str
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    hidden: int  # the last dim when static, else 0
+    bytes_per_token: int  # product of the static dims x dtype size
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.group_name, self.bytes_per_token)
+
+
+def group_size(group_name: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name).size()
+
+
+def all_reduce_sites(gm: torch.fx.GraphModule) -> Iterator[AllReduceSite]:
+    """Every all-reduce in a Dynamo graph whose input has a known fake value."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ALL_REDUCE_TARGETS:
+            continue
+        val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
+        if not isinstance(val, torch.Tensor):
+            continue
+        static = [s for s in val.shape if not isinstance(s, torch.SymInt)]
+        hidden = val.shape[-1] if val.dim() and not isinstance(val.shape[-1], torch.SymInt) else 0
+        yield AllReduceSite(node.name, node.args[2], group_size(node.args[2]), val.device, val.dtype, int(hidden),
+                            math.prod(static) * val.element_size())
+
+
+@functools.cache
+def source_digest() -> str:
+    """Hash of the code that shapes rewritten graphs (this package's modules): a changed pass must
+    never get a graph that Inductor cached for the old one."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(here.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
