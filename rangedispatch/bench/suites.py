@@ -37,13 +37,22 @@ def with_fusion(cfg: RangeDispatchConfig, world: int, fused: Optional[int], ones
                                fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
 
 
-OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_oneshot", "fused_twoshot")
+def with_symm_mem(cfg: RangeDispatchConfig, world: int, oneshot: int) -> RangeDispatchConfig:
+    """``cfg`` with no fusion and the symmetric-memory tier at every size (one-shot up to ``oneshot``)."""
+    t = FusionThresholds(0, 0, symm_mem_max_bytes=EVERYWHERE, symm_mem_oneshot_max_bytes=oneshot)
+    hardware = dataclasses.replace(cfg.hardware, thresholds={**cfg.hardware.thresholds, str(world): t})
+    return dataclasses.replace(cfg, hardware=hardware, fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
+
+
+OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_oneshot", "fused_twoshot", "symm_mem_oneshot",
+               "symm_mem_twoshot")
 
 
 def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: bool, calls: int, replays: int,
              progress: Callable[[], None], variants: Sequence[str] = OP_VARIANTS) -> list[dict]:
     """``variants`` from: nccl_eager_norm, nccl_compiled_norm (fusion off), fused_oneshot,
-    fused_twoshot (FlashInfer, or the profile's backend), fused_reference (the reference backend)."""
+    fused_twoshot (FlashInfer, or the profile's backend), fused_reference (the reference backend),
+    symm_mem_oneshot, symm_mem_twoshot (torch symmetric memory + compiled norm)."""
     world = dist.get_world_size()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -57,6 +66,8 @@ def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: 
         "fused_oneshot": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, EVERYWHERE)),
         "fused_twoshot": lambda: RangeCompiledModule(unit, with_fusion(cfg, world, EVERYWHERE, 0)),
         "fused_reference": lambda: RangeCompiledModule(unit, with_fusion(reference, world, EVERYWHERE, EVERYWHERE)),
+        "symm_mem_oneshot": lambda: RangeCompiledModule(unit, with_symm_mem(cfg, world, EVERYWHERE)),
+        "symm_mem_twoshot": lambda: RangeCompiledModule(unit, with_symm_mem(cfg, world, 0)),
     }
     fns = {name: builders[name]() for name in variants}
     warm = torch.randn(16, hidden, dtype=torch.bfloat16, device=device)

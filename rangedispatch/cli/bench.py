@@ -73,7 +73,7 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     lib, bench = split_config(OmegaConf.create(cfg_yaml))
     total = 0
     if "op" in bench.levels:
-        total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * 4
+        total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(suites.OP_VARIANTS)
     if "model" in bench.levels:
         total += len(bench.model_shapes) * len(bench.model_tokens) * 4
     step = _progress(total, rank)

@@ -28,7 +28,8 @@ from rangedispatch.config.loader import config_dir, register_base_config
 
 register_base_config()
 
-GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot"}
+GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot",
+             "symm_mem_oneshot": "symm_oneshot", "symm_mem_twoshot": "symm_twoshot"}
 CPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_reference": "reference"}
 
 
@@ -105,6 +106,11 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     oneshot = [t.oneshot_max_bytes for t in per_repeat]
     by_hidden = {h: min(t.by_hidden[h] for t in per_repeat) for h in per_repeat[0].by_hidden}
     final = crossover.Thresholds(min(fused), min(oneshot), per_repeat[0].series, by_hidden)
+    symm = [(t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) for t in per_repeat]
+    if all(hi for _, hi, _ in symm) and max(lo for lo, _, _ in symm) <= min(hi for _, hi, _ in symm):
+        final.symm_mem_min_bytes = max(lo for lo, _, _ in symm)
+        final.symm_mem_max_bytes = min(hi for _, hi, _ in symm)
+        final.symm_mem_oneshot_max_bytes = min(o for _, _, o in symm)
     mib = lambda b: f"{b / 2**20:g} MiB"  # noqa: E731
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
@@ -117,10 +123,16 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
               f"{hidden_spread}. Profile (smallest of the repeats): fused {mib(final.fused_max_bytes)} "
               f"(per hidden size: {', '.join(f'{h}: {mib(b)}' for h, b in by_hidden.items())}), "
               f"one-shot {mib(final.oneshot_max_bytes)}.", "",
-              "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size |",
-              "|---|---|---|---|---|"]
+              "Symmetric-memory tier per repeat (min..max, one-shot up to): "
+              + "; ".join(f"{mib(lo)}..{mib(hi)}, {mib(o)}" if hi else "none" for lo, hi, o in symm)
+              + (f". Profile: {mib(final.symm_mem_min_bytes)}..{mib(final.symm_mem_max_bytes)}, one-shot up to "
+                 f"{mib(final.symm_mem_oneshot_max_bytes)}." if final.symm_mem_max_bytes else ". Profile: none."), "",
+              "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size "
+              "| symm-mem won (above fused) |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {s.hidden} | {s.fp8} | {mib(s.fused_max_bytes)} | "
-              f"{'no crossover' if s.oneshot_max_bytes is None else mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} |"
+              f"{'no crossover' if s.oneshot_max_bytes is None else mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} | "
+              f"{_band(s.symm_band, mib)} |"
               for s in per_repeat[0].series]
     provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
                   f"flashinfer {info['flashinfer']}.",
@@ -129,6 +141,12 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
                   "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
     backend = "flashinfer" if result["cuda"] else "reference"
     return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware, provenance)
+
+
+def _band(band, mib) -> str:
+    if band is None:
+        return "not measured above fused"
+    return f"{mib(band[0])}..{mib(band[1])}" if band[1] else "lost"
 
 
 def plot(rows: list[dict], path: Path) -> str | None:
@@ -143,15 +161,20 @@ def plot(rows: list[dict], path: Path) -> str | None:
     series: dict = {}
     for r in rows:
         series.setdefault((r["repeat"], r["hidden"], r["fp8"]), {}).setdefault(r["bytes"], {})[r["tier"]] = r["us"]
+    from rangedispatch.tune.crossover import FUSED_TIERS, SYMM_TIERS
+
     for (repeat, hidden, fp8), by_bytes in sorted(series.items()):
-        sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and len(t) > 1)
-        ratio = [min(v for k, v in by_bytes[b].items() if k != "nccl") / by_bytes[b]["nccl"] for b in sizes]
-        ax.plot(sizes, ratio, marker="o", ms=3, ls="-" if repeat == 0 else "--",
-                label=f"hidden {hidden}{' fp8' if fp8 else ''} (repeat {repeat})")
+        for tiers, style, what in ((FUSED_TIERS, "-" if repeat == 0 else "--", "fused"), (SYMM_TIERS, ":", "symm-mem")):
+            sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and any(k in t for k in tiers))
+            if not sizes or (what == "symm-mem" and repeat):
+                continue
+            ratio = [min(v for k, v in by_bytes[b].items() if k in tiers) / by_bytes[b]["nccl"] for b in sizes]
+            ax.plot(sizes, ratio, marker="o", ms=3, ls=style,
+                    label=f"{what}, hidden {hidden}{' fp8' if fp8 else ''} (repeat {repeat})")
     ax.axhline(1.0, color="gray", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bytes per rank")
-    ax.set_ylabel("best fused / NCCL + compiled norm")
+    ax.set_ylabel("best of tier / NCCL + compiled norm")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()

@@ -8,6 +8,12 @@ means never, at the largest it stops the run); fusion pays up to the last point 
 of wins. The
 profile takes the most restrictive series, never a size beyond the sweep. One-shot vs two-shot is
 decided the same way inside the fused sizes.
+
+The symmetric-memory tiers (``symm_oneshot``, ``symm_twoshot``: its all-reduce + compiled norm)
+only serve sizes the fused tier leaves, so per series they are judged above that series' fused
+limit: the run of wins containing the first size there is the band ``[symm_mem_min_bytes,
+symm_mem_max_bytes]`` (the run may reach below the fused limit, which keeps the tier whole for hidden
+sizes whose fused limit is lower). The profile takes the narrowest band over the series.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-TIERS = ("nccl", "oneshot", "twoshot")
+FUSED_TIERS = ("oneshot", "twoshot", "reference")
+SYMM_TIERS = ("symm_oneshot", "symm_twoshot")
 
 
 @dataclass
@@ -26,6 +33,10 @@ class SeriesResult:
     fused_max_bytes: int
     oneshot_max_bytes: Optional[int]  # None: one-shot never lost to two-shot inside the fused sizes
     capped_by_sweep: bool  # fusion still paid at the largest size measured
+    # where symm-mem beat NCCL, around the first size above the fused ones; (0, 0): it lost there;
+    # None: nothing measured above the fused sizes
+    symm_band: Optional[tuple[int, int]] = None
+    symm_oneshot_max_bytes: Optional[int] = None  # None: symm one-shot never lost to two-shot in the band
 
 
 @dataclass
@@ -34,6 +45,9 @@ class Thresholds:
     oneshot_max_bytes: int
     series: list[SeriesResult] = field(default_factory=list)
     by_hidden: dict[int, int] = field(default_factory=dict)  # fused_max_bytes per measured hidden size
+    symm_mem_min_bytes: int = 0  # the symmetric-memory tier; max 0: none
+    symm_mem_max_bytes: int = 0
+    symm_mem_oneshot_max_bytes: int = 0
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -51,6 +65,38 @@ def leading_run_end(sizes: list[int], ratios: list[float]) -> Optional[int]:
     return end
 
 
+def run_around(sizes: list[int], ratios: list[float], at: int) -> Optional[tuple[int, int]]:
+    """The run of sizes around ``sizes[at]`` where the smoothed ratio is <= 1, or None if it loses there."""
+    wins = [r <= 1.0 for r in smoothed(ratios)]
+    if not wins[at]:
+        return None
+    lo = hi = at
+    while lo > 0 and wins[lo - 1]:
+        lo -= 1
+    while hi < len(sizes) - 1 and wins[hi + 1]:
+        hi += 1
+    return sizes[lo], sizes[hi]
+
+
+def _one_vs_two(by_bytes: dict[int, dict[str, float]], sizes: list[int], one: str, two: str) -> Optional[int]:
+    """Inside ``sizes``: one-shot up to the end of its leading run of wins over two-shot; None if
+    it never lost (or nothing to compare), 0 if it lost from the start."""
+    both = [b for b in sizes if one in by_bytes[b] and two in by_bytes[b]]
+    if not both:
+        return None
+    end = leading_run_end(both, [by_bytes[b][one] / by_bytes[b][two] for b in both]) or 0
+    return None if end == both[-1] else end
+
+
+def _symm_band(by_bytes: dict[int, dict[str, float]], fused_max: int) -> Optional[tuple[int, int]]:
+    sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and any(k in t for k in SYMM_TIERS))
+    above = [i for i, b in enumerate(sizes) if b > fused_max]
+    if not above:
+        return None
+    ratios = [min(v for k, v in by_bytes[b].items() if k in SYMM_TIERS) / by_bytes[b]["nccl"] for b in sizes]
+    return run_around(sizes, ratios, above[0]) or (0, 0)  # (0, 0): lost where it would be used: no tier
+
+
 def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, float]]]:
     out: dict[tuple[int, bool], dict[int, dict[str, float]]] = {}
     for r in rows:
@@ -61,19 +107,18 @@ def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, floa
 def thresholds(rows: Iterable[dict]) -> Thresholds:
     results = []
     for (hidden, fp8), by_bytes in sorted(_series(list(rows)).items()):
-        sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and len(t) > 1)
+        sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and any(k in t for k in FUSED_TIERS))
         if not sizes:
             continue
-        fused = [min(v for k, v in by_bytes[b].items() if k != "nccl") for b in sizes]
+        fused = [min(v for k, v in by_bytes[b].items() if k in FUSED_TIERS) for b in sizes]
         ratios = [f / by_bytes[b]["nccl"] for f, b in zip(fused, sizes)]
         fused_max = leading_run_end(sizes, ratios) or 0
-        both = [b for b in sizes if b <= fused_max and "oneshot" in by_bytes[b] and "twoshot" in by_bytes[b]]
-        oneshot_max = None
-        if both:
-            one_two = [by_bytes[b]["oneshot"] / by_bytes[b]["twoshot"] for b in both]
-            end = leading_run_end(both, one_two) or 0
-            oneshot_max = None if end == both[-1] else end
-        results.append(SeriesResult(hidden, fp8, fused_max, oneshot_max, capped_by_sweep=fused_max == sizes[-1]))
+        oneshot_max = _one_vs_two(by_bytes, [b for b in sizes if b <= fused_max], "oneshot", "twoshot")
+        band = _symm_band(by_bytes, fused_max)
+        symm_oneshot = _one_vs_two(by_bytes, [b for b in sizes if band and band[0] <= b <= band[1]],
+                                   "symm_oneshot", "symm_twoshot") if band and band[1] else None
+        results.append(SeriesResult(hidden, fp8, fused_max, oneshot_max, capped_by_sweep=fused_max == sizes[-1],
+                                    symm_band=band, symm_oneshot_max_bytes=symm_oneshot))
     if not results:
         return Thresholds(0, 0, [])
     by_hidden: dict[int, int] = {}
@@ -81,4 +126,12 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
         by_hidden[s.hidden] = min(by_hidden.get(s.hidden, s.fused_max_bytes), s.fused_max_bytes)
     crossovers = [s.oneshot_max_bytes for s in results if s.oneshot_max_bytes is not None]
     oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
-    return Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
+    out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
+    bands = [s.symm_band for s in results if s.symm_band is not None]
+    if bands:
+        lo, hi = max(b[0] for b in bands), min(b[1] for b in bands)
+        if lo <= hi:
+            symm_crossovers = [s.symm_oneshot_max_bytes for s in results if s.symm_oneshot_max_bytes is not None]
+            out.symm_mem_min_bytes, out.symm_mem_max_bytes = lo, hi
+            out.symm_mem_oneshot_max_bytes = min(symm_crossovers) if symm_crossovers else hi
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rangedispatch.config.schema import HardwareConfig
+from rangedispatch.config.schema import FusionThresholds, HardwareConfig
 from rangedispatch.tune.crossover import Thresholds
 
 
@@ -15,21 +15,24 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
     lines += [f"name: {name}", f"fused_backend: {fused_backend}", "thresholds:"]
     entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
     order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))
-    lines += [f'  "{world_size}":  # measured', *_entry(measured.fused_max_bytes, measured.oneshot_max_bytes,
-                                                      {str(h): b for h, b in sorted(measured.by_hidden.items())})]
+    as_profile = FusionThresholds(
+        measured.fused_max_bytes, measured.oneshot_max_bytes, {str(h): b for h, b in sorted(measured.by_hidden.items())},
+        measured.symm_mem_min_bytes, measured.symm_mem_max_bytes, measured.symm_mem_oneshot_max_bytes)
+    lines += [f'  "{world_size}":  # measured', *_entry(as_profile)]
     for ws in order:
         key = ws if ws == "default" else f'"{ws}"'
-        t = entries[ws]
-        lines += [f"  {key}:  # kept from profile {base.name!r}",
-                  *_entry(t.fused_max_bytes, t.oneshot_max_bytes, t.fused_max_bytes_by_hidden)]
+        lines += [f"  {key}:  # kept from profile {base.name!r}", *_entry(entries[ws])]
     return "\n".join(lines) + "\n"
 
 
-def _entry(fused: int, oneshot: int, by_hidden: dict[str, int]) -> list[str]:
-    lines = [f"    fused_max_bytes: {fused}", f"    oneshot_max_bytes: {oneshot}"]
-    if by_hidden:
+def _entry(t: FusionThresholds) -> list[str]:
+    lines = [f"    fused_max_bytes: {t.fused_max_bytes}", f"    oneshot_max_bytes: {t.oneshot_max_bytes}"]
+    if t.fused_max_bytes_by_hidden:
         lines.append("    fused_max_bytes_by_hidden:")
-        lines += [f'      "{h}": {b}' for h, b in by_hidden.items()]
+        lines += [f'      "{h}": {b}' for h, b in t.fused_max_bytes_by_hidden.items()]
+    if t.symm_mem_max_bytes:
+        lines += [f"    symm_mem_min_bytes: {t.symm_mem_min_bytes}", f"    symm_mem_max_bytes: {t.symm_mem_max_bytes}",
+                  f"    symm_mem_oneshot_max_bytes: {t.symm_mem_oneshot_max_bytes}"]
     return lines
 
 

@@ -111,3 +111,52 @@ def test_warm_cache_start_compiles_nothing_new(tmp_path, monkeypatch):
     assert first[0] > 0 and second[0] == 0 and second[1] > 0
     assert first[2] == second[2] == {"allreduce_rmsnorm": 2}
     assert second[3] < 1e-2
+
+
+# hidden 2048: fused to 8 MiB (2048 tokens, the h100 profile), symm-mem one-shot to 12 MiB and
+# two-shot to 16 MiB (4096 tokens), NCCL beyond
+SYMM_TIERS = ["hardware=h100", "dispatch.split_points=[]", "dispatch.max_num_tokens=8192",
+              "+hardware.thresholds.2.symm_mem_max_bytes=16777216",
+              "+hardware.thresholds.2.symm_mem_oneshot_max_bytes=12582912"]
+
+
+def _symm_mem(rank, world, dtype_name, cudagraph_sizes):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, dtype=dtype).cuda()
+    m = RangeCompiledModule(model, load_config([*SYMM_TIERS, f"dispatch.cudagraph_sizes={cudagraph_sizes}"]))
+    example = torch.randn(8, HIDDEN, dtype=dtype, device="cuda")
+    rows = []
+    with torch.no_grad():
+        m.warmup(example)
+        per_token = HIDDEN * example.element_size()
+        for mib in (0.5, 10, 14, 20):
+            n = int(mib * 2**20) // per_token - 7  # not a captured size: pads when a graph is captured above
+            x = torch.randn(n, HIDDEN, dtype=dtype, device="cuda")
+            y, r = m(x.clone())
+            ye, re = model(x.clone())
+            rows.append((n, str(m.range_for(n)), m.stats()[m.range_for(n)]["matches"], rel_err(y, ye), rel_err(r, re)))
+    return [str(r) for r in m.ranges], rows, {str(k): v["cudagraphs"] for k, v in m.stats().items() if v["cudagraphs"]}
+
+
+def test_symm_mem_tier_bf16_with_cudagraphs_equals_eager():
+    ranges, rows, captured = spawn_ranks(_symm_mem, 2, "bfloat16", [2560, 4096], backend="nccl")[0]
+    assert ranges == ["[1,2048]", "[2049,4096]", "[4097,8192]"]
+    assert captured == {"[2049,4096]": [2560, 4096]}
+    for n, r, matches, out_err, res_err in rows:
+        assert out_err < 1e-2 and res_err < 1e-2, (n, r, out_err, res_err)
+    by_range = {r: matches for _, r, matches, _, _ in rows}
+    assert by_range["[1,2048]"].get("allreduce_rmsnorm") == 2
+    assert by_range["[2049,4096]"].get("symm_mem_allreduce") == 2  # one-shot (10 MiB) and two-shot (14 MiB)
+    assert not any(by_range["[4097,8192]"].values())
+
+
+def test_symm_mem_tier_fp32_equals_eager():
+    ranges, rows, _ = spawn_ranks(_symm_mem, 2, "float32", [], backend="nccl")[0]
+    assert ranges == ["[1,1024]", "[1025,2048]", "[2049,8192]"]  # 8 KiB per token
+    for n, r, matches, out_err, res_err in rows:
+        assert out_err < 1e-4 and res_err < 1e-4, (n, r, out_err, res_err)
+    assert {r: m.get("symm_mem_allreduce", 0) for _, r, m, _, _ in rows}["[1025,2048]"] == 2

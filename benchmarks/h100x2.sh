@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One GPU session on this workplace's H100 x2 machine: the GPU tests, the tune sweep and the
+# benchmark, each logging under $OUT. Run from the repository root on the device machine, with
+# .device-kit and .whl carried (README, development):
+#   bash benchmarks/h100x2.sh tests tune bench        # any subset, in that order
+# Extra Hydra overrides for a step: TUNE_ARGS='tune.repeats=1' BENCH_ARGS="'bench.levels=[op]'".
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+source .device-kit/activate.sh
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:$PWD
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/card.txt"
+for step in "$@"; do
+  start=$(date +%s)
+  case $step in
+    tests) python -m pytest -v -p no:cacheprovider tests/gpu > "$OUT/gpu_tests.txt" 2>&1 ;;
+    tune) eval python -m rangedispatch.cli.tune tune.name=h100 hardware=h100 "tune.out_dir=$OUT/tune" \
+            "${TUNE_ARGS:-}" > "$OUT/tune.log" 2>&1 ;;
+    bench) eval python -m rangedispatch.cli.bench hardware=h100 "bench.out_dir=$OUT/bench" \
+             "${BENCH_ARGS:-}" > "$OUT/bench.log" 2>&1 ;;
+    *) echo "unknown step $step (tests, tune, bench)"; exit 2 ;;
+  esac
+  echo "$step: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+done
