@@ -56,7 +56,10 @@ class RangeCompiledModule(nn.Module):
         )
         object.__setattr__(self, "_model", model)  # `self.module` goes through nn.Module.__getattr__: slow
         # not registered as a submodule: the state dict stays that of `module`
-        object.__setattr__(self, "_compiled", torch.compile(model, backend=self._graphs.backend))
+        # dynamic=False: only the token dims marked at trace time are dynamic. Dynamo would otherwise
+        # make any dim dynamic that changed between traces of the same forward code (another wrapper
+        # of the same class with another hidden size), and a symbolic hidden size disables fusion.
+        object.__setattr__(self, "_compiled", torch.compile(model, backend=self._graphs.backend, dynamic=False))
 
     # ----------------------------------------------------------------------------- hot path
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -186,3 +186,20 @@ def test_guardless_path_runs_each_ranges_artifact_and_leaves_module_globals_alon
     model.train(False)  # module.training changed: the guarded path takes over, still correct
     y, args = run(m, 6)
     torch.testing.assert_close(y, model(*args))
+
+
+def test_only_token_dims_are_dynamic_across_wrappers_of_one_class():
+    # Dynamo makes a dim dynamic when it changes between traces of the same code: a second wrapper of
+    # Mlp with another hidden size would get a symbolic hidden size (fusion needs it static)
+    shapes = []
+    for hidden in (16, 32):
+        torch.manual_seed(0)
+        model = Mlp(hidden)
+        m = RangeCompiledModule(model, load_config(BASE))
+        x, r = torch.randn(12, hidden), torch.randn(12, hidden)
+        torch.testing.assert_close(m(x, r), model(x, r))
+        fakes = [n.meta["example_value"] for n in m.graphs[0].gm.graph.nodes
+                 if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)]
+        shapes.append([tuple(type(s).__name__ for s in f.shape) for f in fakes if f.dim() == 2 and f.shape[-1] == hidden
+                       and isinstance(f.shape[0], torch.SymInt)])
+    assert shapes[0] == shapes[1] and shapes[1] and all(s == ("SymInt", "int") for s in shapes[1])

@@ -29,7 +29,7 @@ def _numerics(rank, world, backend, cases):
     from rangedispatch.models import TPMLPBlock
 
     out = {}
-    threshold = 33554432 // (HIDDEN * 2)
+    threshold = load_config(["hardware=h100"]).hardware.thresholds_for(world).fused_max_bytes_for(HIDDEN) // (HIDDEN * 2)
     for form, residual, fp8 in cases:
         torch.manual_seed(0)
         model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, norm=form, residual=residual, fp8=fp8,
