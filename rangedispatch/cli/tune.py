@@ -100,6 +100,9 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     from rangedispatch.tune import crossover, profile
 
     rows, info = result["rows"], result["info"]
+    # what was swept, read off the rows (a recorded sweep need not match the tune config)
+    swept = f"{sorted({r['hidden'] for r in rows})}, fp8 {sorted({r['fp8'] for r in rows})}"
+    max_bytes = max(r["bytes"] for r in rows)
     repeats = sorted({r["repeat"] for r in rows})
     per_repeat = [crossover.thresholds([r for r in rows if r["repeat"] == k]) for k in repeats]
     fused = [t.fused_max_bytes for t in per_repeat]
@@ -114,8 +117,8 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     mib = lambda b: f"{b / 2**20:g} MiB"  # noqa: E731
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
-             f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {tune.hidden}, fp8 {tune.fp8}, "
-             f"up to {mib(tune.max_bytes)} per rank, {len(repeats)} repeats.", "",
+             f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {swept}, "
+             f"up to {mib(max_bytes)} per rank, {len(repeats)} repeats.", "",
              "| repeat | fused_max_bytes | oneshot_max_bytes |", "|---|---|---|"]
     lines += [f"| {k} | {mib(f)} | {mib(o)} |" for k, (f, o) in enumerate(zip(fused, oneshot))]
     hidden_spread = ", ".join(f"hidden {h} {spread([t.by_hidden[h] for t in per_repeat])}" for h in by_hidden)
@@ -136,7 +139,7 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
               for s in per_repeat[0].series]
     provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
                   f"flashinfer {info['flashinfer']}.",
-                  f"Sweep: hidden {tune.hidden}, bf16, fp8 {tune.fp8}, 1..{mib(tune.max_bytes)} per rank; "
+                  f"Sweep: hidden {swept}, bf16, 1..{mib(max_bytes)} per rank; "
                   f"{len(repeats)} repeats: fused {[mib(f) for f in fused]}, one-shot {[mib(o) for o in oneshot]}.",
                   "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
     backend = "flashinfer" if result["cuda"] else "reference"
@@ -146,7 +149,7 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
 def _band(band, mib) -> str:
     if band is None:
         return "not measured above fused"
-    return f"{mib(band[0])}..{mib(band[1])}" if band[1] else "lost"
+    return f"{mib(band[0])}..{mib(band[1])}" if band[0] is not None else "lost"
 
 
 def plot(rows: list[dict], path: Path) -> str | None:

@@ -10,10 +10,11 @@ profile takes the most restrictive series, never a size beyond the sweep. One-sh
 decided the same way inside the fused sizes.
 
 The symmetric-memory tiers (``symm_oneshot``, ``symm_twoshot``: its all-reduce + compiled norm)
-only serve sizes the fused tier leaves, so per series they are judged above that series' fused
-limit: the run of wins containing the first size there is the band ``[symm_mem_min_bytes,
-symm_mem_max_bytes]`` (the run may reach below the fused limit, which keeps the tier whole for hidden
-sizes whose fused limit is lower). The profile takes the narrowest band over the series.
+only serve sizes the fused tier leaves, so per series they are judged from the first size above that
+series' fused limit: the run of wins around it gives the series' band (the run may reach below the
+fused limit: the band is in bytes, and hidden sizes with a lower fused limit use that part); a loss
+there caps the tier at the fused limit (it is never used at that hidden size). The profile takes the
+highest start and lowest end over the series: ``[symm_mem_min_bytes, symm_mem_max_bytes]``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class SeriesResult:
     fused_max_bytes: int
     oneshot_max_bytes: Optional[int]  # None: one-shot never lost to two-shot inside the fused sizes
     capped_by_sweep: bool  # fusion still paid at the largest size measured
-    # where symm-mem beat NCCL, around the first size above the fused ones; (0, 0): it lost there;
-    # None: nothing measured above the fused sizes
-    symm_band: Optional[tuple[int, int]] = None
+    # where symm-mem beat NCCL, around the first size above the fused ones: (start, end); start None:
+    # it lost there (end = the fused limit); band None: nothing measured above the fused sizes
+    symm_band: Optional[tuple[Optional[int], int]] = None
     symm_oneshot_max_bytes: Optional[int] = None  # None: symm one-shot never lost to two-shot in the band
 
 
@@ -88,13 +89,13 @@ def _one_vs_two(by_bytes: dict[int, dict[str, float]], sizes: list[int], one: st
     return None if end == both[-1] else end
 
 
-def _symm_band(by_bytes: dict[int, dict[str, float]], fused_max: int) -> Optional[tuple[int, int]]:
+def _symm_band(by_bytes: dict[int, dict[str, float]], fused_max: int) -> Optional[tuple[Optional[int], int]]:
     sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and any(k in t for k in SYMM_TIERS))
     above = [i for i, b in enumerate(sizes) if b > fused_max]
     if not above:
         return None
     ratios = [min(v for k, v in by_bytes[b].items() if k in SYMM_TIERS) / by_bytes[b]["nccl"] for b in sizes]
-    return run_around(sizes, ratios, above[0]) or (0, 0)  # (0, 0): lost where it would be used: no tier
+    return run_around(sizes, ratios, above[0]) or (None, fused_max)
 
 
 def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, float]]]:
@@ -116,7 +117,7 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
         oneshot_max = _one_vs_two(by_bytes, [b for b in sizes if b <= fused_max], "oneshot", "twoshot")
         band = _symm_band(by_bytes, fused_max)
         symm_oneshot = _one_vs_two(by_bytes, [b for b in sizes if band and band[0] <= b <= band[1]],
-                                   "symm_oneshot", "symm_twoshot") if band and band[1] else None
+                                   "symm_oneshot", "symm_twoshot") if band and band[0] is not None else None
         results.append(SeriesResult(hidden, fp8, fused_max, oneshot_max, capped_by_sweep=fused_max == sizes[-1],
                                     symm_band=band, symm_oneshot_max_bytes=symm_oneshot))
     if not results:
@@ -128,8 +129,9 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
     oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
     out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
     bands = [s.symm_band for s in results if s.symm_band is not None]
-    if bands:
-        lo, hi = max(b[0] for b in bands), min(b[1] for b in bands)
+    starts = [b[0] for b in bands if b[0] is not None]
+    if starts:
+        lo, hi = max(starts), min(b[1] for b in bands)
         if lo <= hi:
             symm_crossovers = [s.symm_oneshot_max_bytes for s in results if s.symm_oneshot_max_bytes is not None]
             out.symm_mem_min_bytes, out.symm_mem_max_bytes = lo, hi

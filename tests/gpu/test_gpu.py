@@ -113,11 +113,11 @@ def test_warm_cache_start_compiles_nothing_new(tmp_path, monkeypatch):
     assert second[3] < 1e-2
 
 
-# hidden 2048: fused to 8 MiB (2048 tokens, the h100 profile), symm-mem one-shot to 12 MiB and
-# two-shot to 16 MiB (4096 tokens), NCCL beyond
+# hidden 2048, the h100 profile: fused to 8 MiB (2048 tokens), symm-mem to 16 MiB (4096 tokens), NCCL beyond;
+# one-shot raised to 12 MiB so that both symm-mem kernels run
 SYMM_TIERS = ["hardware=h100", "dispatch.split_points=[]", "dispatch.max_num_tokens=8192",
-              "+hardware.thresholds.2.symm_mem_max_bytes=16777216",
-              "+hardware.thresholds.2.symm_mem_oneshot_max_bytes=12582912"]
+              "hardware.thresholds.2.symm_mem_max_bytes=16777216",
+              "hardware.thresholds.2.symm_mem_oneshot_max_bytes=12582912"]
 
 
 def _symm_mem(rank, world, dtype_name, cudagraph_sizes):
