@@ -75,6 +75,48 @@ def test_most_restrictive_series_wins_and_first_loss_means_never():
     assert never.fused_max_bytes == 0 and never.oneshot_max_bytes == 0
 
 
+def _symm_rows(series):
+    """series: {hidden: [(tokens, nccl, fused, symm)]} at bf16 without FP8 (one-shot tiers only)."""
+    rows = []
+    for hidden, points in series.items():
+        for tokens, nccl, fused, symm in points:
+            for tier, us in (("nccl", nccl), ("oneshot", fused), ("symm_twoshot", symm)):
+                rows.append(dict(hidden=hidden, fp8=False, tokens=tokens, bytes=tokens * hidden * 2, tier=tier, us=us))
+    return rows
+
+
+def test_recorded_symm_mem_sweep_gives_the_committed_tier():
+    import csv
+
+    with open(ROOT / "benchmarks/results/tune_h100x2_symm_mem/sweep.csv") as f:
+        rows = [dict(repeat=int(r["repeat"]), hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]),
+                     bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f)]
+    t = thresholds([r for r in rows if r["repeat"] == 0])
+    assert t.by_hidden == {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}
+    assert (t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (MiB // 2, 16 * MiB, MiB)
+    assert [s.symm_band for s in t.series] == [(MiB // 2, 16 * MiB), (None, 32 * MiB), None]
+    from rangedispatch.config import load_config
+
+    h100 = load_config(["hardware=h100"]).hardware.thresholds_for(2)
+    assert (h100.symm_mem_min_bytes, h100.symm_mem_max_bytes, h100.symm_mem_oneshot_max_bytes) == (MiB // 2, 16 * MiB, MiB)
+
+
+def test_symm_mem_band_is_judged_above_each_fused_limit():
+    # hidden 1024: fused pays to 64 tokens; symm-mem wins from 16 to 512 tokens (a noisy point at 128)
+    a = [(1, 10, 5, 12), (16, 12, 6, 11), (64, 20, 15, 18), (128, 30, 40, 31), (256, 50, 60, 40),
+         (512, 90, 100, 85), (1024, 170, 190, 180)]
+    # hidden 4096: fused pays to 256 tokens, symm-mem loses right above: caps the tier at 2 MiB
+    b = [(1, 10, 5, 12), (64, 20, 10, 18), (256, 60, 50, 55), (512, 100, 110, 105)]
+    # hidden 8192: fused pays over the whole sweep: says nothing about symm-mem
+    c = [(1, 10, 5, 50), (64, 30, 20, 60)]
+    t = thresholds(_symm_rows({1024: a, 4096: b, 8192: c}))
+    assert [s.symm_band for s in t.series] == [(16 * 2048, 512 * 2048), (None, 256 * 8192), None]
+    assert (t.symm_mem_min_bytes, t.symm_mem_max_bytes) == (16 * 2048, 512 * 2048)
+    assert t.symm_mem_oneshot_max_bytes == 512 * 2048  # no symm one-shot measured: the band's end
+    lost = thresholds(_symm_rows({1024: [(1, 10, 5, 12), (64, 20, 15, 18), (128, 30, 40, 35)]}))
+    assert lost.symm_mem_max_bytes == 0  # lost right above the fused sizes: no tier
+
+
 def test_smoothing_helpers():
     assert smoothed([1, 5, 1, 1]) == [1, 1, 1, 1] and smoothed([2, 1, 3]) == [2, 2, 3]
     assert leading_run_end([1, 2, 3], [1.5, 0.5, 0.5]) is None  # losing at the smallest size: never
@@ -128,3 +170,16 @@ def test_tune_cli_on_cpu_measures_the_reference_tier(tmp_path):
     hw = load_config(["hardware=cpubox"], config_dirs=[tmp_path]).hardware
     assert hw.name == "cpubox" and hw.fused_backend == "reference"
     assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 3 * 2  # header + tokens 1, 2, 4 x 2 tiers
+
+
+def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
+    from rangedispatch.config import load_config
+    from rangedispatch.tune import crossover, profile
+
+    measured = crossover.Thresholds(4096, 4096, [], {64: 4096}, symm_mem_min_bytes=1024, symm_mem_max_bytes=65536,
+                                    symm_mem_oneshot_max_bytes=8192)
+    profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, measured,
+                                                   load_config(["hardware=h100"]).hardware, ["test"]))
+    t = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware.thresholds_for(2)
+    assert (t.fused_max_bytes_by_hidden, t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (
+        {"64": 4096}, 1024, 65536, 8192)
