@@ -93,12 +93,12 @@ def test_recorded_symm_mem_sweep_gives_the_committed_tier():
                      bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f)]
     t = thresholds([r for r in rows if r["repeat"] == 0])
     assert t.by_hidden == {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}
-    assert (t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (MiB // 2, 16 * MiB, MiB)
-    assert [s.symm_band for s in t.series] == [(MiB // 2, 16 * MiB), (None, 32 * MiB), None]
+    assert (t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (2 * MiB, 16 * MiB, 0)
+    assert [s.symm_band for s in t.series] == [(2 * MiB, 16 * MiB)] * 2 + [(None, 32 * MiB)] * 2 + [None] * 2
     from rangedispatch.config import load_config
 
     h100 = load_config(["hardware=h100"]).hardware.thresholds_for(2)
-    assert (h100.symm_mem_min_bytes, h100.symm_mem_max_bytes, h100.symm_mem_oneshot_max_bytes) == (MiB // 2, 16 * MiB, MiB)
+    assert (h100.symm_mem_min_bytes, h100.symm_mem_max_bytes, h100.symm_mem_oneshot_max_bytes) == (2 * MiB, 16 * MiB, 0)
 
 
 def test_symm_mem_band_is_judged_above_each_fused_limit():

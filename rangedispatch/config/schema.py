@@ -108,7 +108,8 @@ class FusionConfig:
 
     SECTION: ClassVar[str] = "fusion"
 
-    # Replace the pattern by one fused op in the ranges where the hardware profile says it pays.
+    # Replace the pattern by one fused op in the ranges where the hardware profile says it pays (and
+    # use the profile's symmetric-memory tier above them, see symm_mem). false: NCCL everywhere.
     enabled: bool = True
     # Kernel behind the fused op: "auto" takes the hardware profile's choice and falls back to
     # "reference" (all-reduce through the process group + eager-equal math) where it cannot run.
