@@ -46,7 +46,6 @@ class SymmMemBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._warned: set[str] = set()
 
     def get(self, group_name: str, dtype: torch.dtype, device: torch.device, numel: int) -> torch.Tensor:
         key = (group_name, dtype, device)
@@ -66,19 +65,22 @@ class SymmMemBuffers:
             self._buffers[key] = buf
         return buf
 
-    def fallback_reason(self, input: torch.Tensor, group_name: str) -> Optional[str]:
-        from rangedispatch.fusion.sites import group_size
-
-        return site_unsupported("symm_mem", input.device, input.dtype, input.shape[-1] if input.dim() else 0,
-                                group_size(group_name))
-
-    def warn_once(self, reason: str) -> None:
-        if reason not in self._warned:
-            self._warned.add(reason)
-            log.warning("symm_mem all-reduce falls back to the process group: %s", reason)
-
 
 BUFFERS = SymmMemBuffers()
+_warned: set[str] = set()
+
+
+def _call_unsupported(input: torch.Tensor, group_name: str) -> Optional[str]:
+    from rangedispatch.fusion.sites import group_size
+
+    return site_unsupported("symm_mem", input.device, input.dtype, input.shape[-1] if input.dim() else 0,
+                            group_size(group_name))
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("symm_mem all-reduce falls back to the process group: %s", reason)
 
 
 def _process_group_all_reduce(input: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -113,7 +115,7 @@ def symm_mem_all_reduce(input: torch.Tensor, group_name: str, backend: str, ones
     """Sum of ``input`` over the group. ``oneshot_max_bytes``: one-shot up to this input size (bytes
     per rank), two-shot above. ``max_tokens``: the tier's largest token count, which sizes the buffer."""
     if backend == "symm_mem":
-        reason = BUFFERS.fallback_reason(input, group_name)
+        reason = _call_unsupported(input, group_name)
         if reason is None:
             try:
                 return _symm_mem_all_reduce(input, group_name, oneshot_max_bytes, max_tokens)
@@ -121,7 +123,7 @@ def symm_mem_all_reduce(input: torch.Tensor, group_name: str, backend: str, ones
                 if torch.cuda.is_current_stream_capturing():
                     raise
                 reason = f"{type(e).__name__}: {e}"
-        BUFFERS.warn_once(reason)
+        _warn_once(reason)
     return _process_group_all_reduce(input, group_name)
 
 
