@@ -17,7 +17,6 @@ from rangedispatch.config.schema import (
     CompileConfig,
     DispatchConfig,
     FusionConfig,
-    HardwareConfig,
     RangeDispatchConfig,
 )
 from rangedispatch.errors import ConfigError

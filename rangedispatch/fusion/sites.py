@@ -8,7 +8,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.fx
@@ -35,6 +35,22 @@ def group_size(group_name: str) -> int:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name).size()
+
+
+VECTOR_BYTES = 16  # the GPU kernels move rows in 16-byte vectors
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def gpu_row_unsupported(kernel: str, device: torch.device, dtype: torch.dtype, hidden: int,
+                        dtypes: tuple[torch.dtype, ...]) -> Optional[str]:
+    """Why a GPU all-reduce kernel cannot take rows of ``hidden`` x ``dtype`` on ``device``, or None."""
+    if device.type != "cuda":
+        return f"{kernel} needs CUDA tensors; this all-reduce is on {device}"
+    if dtype not in dtypes:
+        return f"{kernel}: dtype {dtype} not supported ({', '.join(_DTYPE_NAMES[d] for d in dtypes)})"
+    if hidden <= 0 or (hidden * torch.finfo(dtype).bits // 8) % VECTOR_BYTES:
+        return f"{kernel}: hidden size {hidden} x {dtype} is not a multiple of {VECTOR_BYTES} bytes"
+    return None
 
 
 def all_reduce_sites(gm: torch.fx.GraphModule) -> Iterator[AllReduceSite]:

@@ -22,7 +22,6 @@ import torch
 log = logging.getLogger("rangedispatch")
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
-VECTOR_BYTES = 16
 BACKENDS = ("symm_mem", "reference")
 
 
@@ -32,13 +31,9 @@ def site_unsupported(backend: str, device: torch.device, dtype: torch.dtype, hid
         return f"world size {world} has nothing to all-reduce across"
     if backend == "reference":
         return None
-    if device.type != "cuda":
-        return f"symm_mem needs CUDA tensors; this all-reduce is on {device}"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"symm_mem: dtype {dtype} not supported (bf16, fp32)"
-    if hidden <= 0 or (hidden * torch.finfo(dtype).bits // 8) % VECTOR_BYTES:
-        return f"symm_mem: hidden size {hidden} x {dtype} is not a multiple of {VECTOR_BYTES} bytes"
-    return None
+    from rangedispatch.fusion.sites import gpu_row_unsupported
+
+    return gpu_row_unsupported("symm_mem", device, dtype, hidden, SUPPORTED_DTYPES)
 
 
 class SymmMemBuffers:

@@ -95,11 +95,12 @@ class SymmMemAllReduce(GraphPass):
                 log.info("symm_mem: all-reduce %s left to the process group (not a waited sum)", node.name)
                 continue
             hidden = val.shape[-1] if val.dim() and not isinstance(val.shape[-1], torch.SymInt) else 0
-            reason = site_unsupported(self.backend, val.device, val.dtype, int(hidden), group_size(group_name))
+            world = group_size(group_name)
+            reason = site_unsupported(self.backend, val.device, val.dtype, int(hidden), world)
             if reason is not None:
                 log.info("symm_mem: all-reduce %s left to the process group: %s", node.name, reason)
                 continue
-            t = self.hardware.thresholds_for(group_size(group_name))
+            t = self.hardware.thresholds_for(world)
             with graph.inserting_before(node):
                 new = graph.call_function(SYMM_MEM_OP, (inp, group_name, self.backend, t.symm_mem_oneshot_max_bytes,
                                                         self.last or 1))

@@ -16,12 +16,12 @@ from typing import Any, Optional
 import torch
 
 from rangedispatch.fusion.backends import FusedCall
+from rangedispatch.fusion.sites import gpu_row_unsupported
 
 log = logging.getLogger("rangedispatch")
 
 SUPPORTED_WORLD_SIZES = (2, 4, 8, 16)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-VECTOR_BYTES = 16  # the kernels move rows in 16-byte vectors
 
 
 class FlashInferBackend:
@@ -47,15 +47,9 @@ class FlashInferBackend:
     def site_unsupported(self, device: torch.device, dtype: torch.dtype, hidden: int, world: int) -> Optional[str]:
         """Why an all-reduce site cannot use this backend (the pass then leaves it unfused), or None.
         Decided from the traced graph, without importing FlashInfer."""
-        if device.type != "cuda":
-            return f"flashinfer needs CUDA tensors; this all-reduce is on {device}"
-        if dtype not in SUPPORTED_DTYPES:
-            return f"flashinfer: dtype {dtype} not supported (bf16, fp16, fp32)"
         if world not in SUPPORTED_WORLD_SIZES:
             return f"flashinfer: world size {world} not supported ({SUPPORTED_WORLD_SIZES})"
-        if hidden <= 0 or (hidden * torch.finfo(dtype).bits // 8) % VECTOR_BYTES:
-            return f"flashinfer: hidden size {hidden} x {dtype} is not a multiple of {VECTOR_BYTES} bytes"
-        return None
+        return gpu_row_unsupported("flashinfer", device, dtype, hidden, SUPPORTED_DTYPES)
 
     def unsupported(self, call: FusedCall) -> Optional[str]:
         x = call.input
