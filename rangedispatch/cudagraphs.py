@@ -3,10 +3,17 @@
 A call of ``n`` tokens whose range holds a captured size ``s >= n`` copies its inputs into that
 graph's static buffers (the first ``n`` rows along the token dim), replays, and gets the outputs
 sliced back to ``n`` rows. Outputs are views of the graph's static buffers, as in vLLM: the next
-replay of the same size overwrites them. Padding rows hold earlier inputs (finite values), so
-token-wise models (MLP, norms, TP collectives) are exact; a model mixing tokens (attention over the
-padded dim) needs sizes that match its calls. Graphs share one memory pool, captured largest first
-at ``warmup``.
+replay of the same size overwrites them. Graphs share one memory pool, captured largest first at
+``warmup``.
+
+Padding is exact only for computations that treat tokens independently or causally (MLPs, norms,
+TP collectives, causal attention with the padding at the end). Bidirectional attention, a softmax
+or mean over tokens, or routing with capacity change the real rows. So the first padded replay of
+each size is compared once with the unpadded call; if the real rows differ, it raises.
+
+A replay checks what Dynamo's guards would: the call's argument structure, its non-tensor values,
+and each tensor's dtype, device and non-token sizes must be those captured. A call that differs
+runs without the graph (said once).
 """
 
 from __future__ import annotations
@@ -27,15 +34,72 @@ log = logging.getLogger("rangedispatch")
 
 @dataclass
 class CapturedCall:
-    graph: torch.cuda.CUDAGraph
-    size: int
-    static_leaves: list  # the static buffers, in the order of the flattened call inputs
-    token_leaf: list  # per leaf: does it carry the token dim
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: "CapturedInputs"
     output: Any
+    checked_padding: bool = False
+
+
+class CapturedInputs:
+    """The static input buffers of one captured graph, and what a call must match to use them."""
+
+    def __init__(self, args: tuple, kwargs: dict, token_dim: int, n: int, s: int):
+        leaves, self.spec = pytree.tree_flatten((args, kwargs))
+        self.token_dim, self.size = token_dim, s
+        self.buffers: list = []  # per leaf: its static buffer (tensors) or value
+        self.token_leaf: list[bool] = []  # per leaf: does it carry the token dim
+        for leaf in leaves:
+            token = isinstance(leaf, torch.Tensor) and leaf.dim() > token_dim and leaf.shape[token_dim] == n
+            if token:
+                shape = list(leaf.shape)
+                shape[token_dim] = s
+                buf = torch.zeros(shape, dtype=leaf.dtype, device=leaf.device)
+                buf.narrow(token_dim, 0, min(n, s)).copy_(leaf.narrow(token_dim, 0, min(n, s)))
+            elif isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter):
+                buf = leaf.clone()
+            else:
+                buf = leaf
+            self.buffers.append(buf)
+            self.token_leaf.append(token)
+
+    def call_inputs(self) -> tuple[tuple, dict]:
+        return pytree.tree_unflatten(self.buffers, self.spec)
+
+    def mismatch(self, args: tuple, kwargs: dict, n: int) -> Optional[str]:
+        """Why a call of ``n`` tokens cannot replay into these buffers, or None."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.spec:
+            return "the call's arguments differ from the captured call's (keywords, nesting or count)"
+        d = self.token_dim
+        for i, (buf, live, token) in enumerate(zip(self.buffers, leaves, self.token_leaf)):
+            if isinstance(buf, torch.Tensor) != isinstance(live, torch.Tensor):
+                return f"input {i} is a {type(live).__name__}; a {type(buf).__name__} was captured"
+            if not isinstance(buf, torch.Tensor):
+                if type(buf) is not type(live) or buf != live:
+                    return f"input {i} is {live!r}; {buf!r} was captured"
+                continue
+            if live.dtype != buf.dtype or live.device != buf.device or live.dim() != buf.dim():
+                return f"input {i} is {live.dtype} on {live.device}; {buf.dtype} on {buf.device} was captured"
+            expected = list(buf.shape)
+            if token:
+                expected[d] = n
+            if list(live.shape) != expected:
+                return f"input {i} has shape {tuple(live.shape)}; {tuple(expected)} fits the captured graph"
+        return None
+
+    def copy_in(self, args: tuple, kwargs: dict, n: int) -> None:
+        d = self.token_dim
+        for buf, live, token in zip(self.buffers, pytree.tree_leaves((args, kwargs)), self.token_leaf):
+            if token:
+                buf.narrow(d, 0, n).copy_(live)
+            elif isinstance(buf, torch.Tensor) and buf is not live:
+                buf.copy_(live)
 
 
 class CudaGraphRunner:
     """Captures and replays one CUDA graph per configured size."""
+
+    MISMATCH = object()  # replay's answer when the call cannot use the graph: run it without
 
     def __init__(self, sizes: Sequence[int], token_dim: int, run: Callable[[Range, tuple, dict], Any]):
         self.sizes = sorted(sizes)
@@ -43,6 +107,7 @@ class CudaGraphRunner:
         self.run = run  # runs the model for a range, outside any graph
         self.captured: dict[int, CapturedCall] = {}
         self.pool: Any = None
+        self.warned = False
 
     def size_for(self, r: Range, n: int) -> Optional[int]:
         """The captured size serving ``n`` tokens in range ``r``: the smallest size >= n inside r."""
@@ -55,46 +120,52 @@ class CudaGraphRunner:
         call = self.captured.get(s)
         if call is None:
             call = self.capture(r, s, x, args, kwargs)
-        d = self.token_dim
-        leaves = pytree.tree_leaves((args, kwargs))
-        for static, live, token in zip(call.static_leaves, leaves, call.token_leaf):
-            if token:
-                static.narrow(d, 0, n).copy_(live)
-            elif isinstance(static, torch.Tensor) and static is not live:
-                static.copy_(live)
+        reason = call.inputs.mismatch(args, kwargs, n)
+        if reason is not None:
+            if not self.warned:
+                self.warned = True
+                log.warning("CUDA graph for %d tokens not used: %s; such calls run without a graph (said once)",
+                            s, reason)
+            return self.MISMATCH
+        if n < s and not call.checked_padding:
+            return self._replay_checking_padding(r, call, s, n, args, kwargs)
+        call.inputs.copy_in(args, kwargs, n)
         call.graph.replay()
-        if n == s:
-            return call.output
-        return pytree.tree_map(lambda t: self._slice(t, s, n), call.output)
+        return self._sliced(call.output, s, n)
 
-    def _slice(self, t: Any, s: int, n: int) -> Any:
+    def _replay_checking_padding(self, r: Range, call: CapturedCall, s: int, n: int, args: tuple, kwargs: dict) -> Any:
+        """The first padded replay of a size, compared with the unpadded call on the real rows."""
+        expected = self.run(r, args, kwargs)
+        call.inputs.copy_in(args, kwargs, n)
+        call.graph.replay()
+        got = self._sliced(call.output, s, n)
+        for e, g in zip(pytree.tree_leaves(expected), pytree.tree_leaves(got)):
+            if isinstance(e, torch.Tensor) and e.is_floating_point():
+                try:
+                    torch.testing.assert_close(g, e)
+                except AssertionError:
+                    raise ConfigError(
+                        f"dispatch.cudagraph_sizes: padding {n} tokens to the captured size {s} changes the first "
+                        f"{n} rows of the output (max abs diff {(g.float() - e.float()).abs().max().item():.3g}): the "
+                        f"model mixes tokens (bidirectional attention, softmax or mean over tokens, routing); "
+                        f"remove {s} from dispatch.cudagraph_sizes or list exactly the sizes it is called with"
+                    ) from None
+        call.checked_padding = True
+        return got
+
+    def _sliced(self, output: Any, s: int, n: int) -> Any:
+        if n == s:
+            return output
         d = self.token_dim
-        if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == s:
-            return t.narrow(d, 0, n)
-        return t
+        return pytree.tree_map(
+            lambda t: t.narrow(d, 0, n) if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == s else t,
+            output)
 
     def capture(self, r: Range, s: int, x: torch.Tensor, args: tuple, kwargs: dict) -> CapturedCall:
         if not x.is_cuda:
             raise ConfigError(f"dispatch.cudagraph_sizes={self.sizes} needs CUDA inputs; the token input is on {x.device}")
-        d = self.token_dim % x.dim()
-        self.token_dim = d
-        n = x.shape[d]
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        static_leaves, token_leaf = [], []
-        for leaf in leaves:
-            token = isinstance(leaf, torch.Tensor) and leaf.dim() > d and leaf.shape[d] == n
-            if token:
-                shape = list(leaf.shape)
-                shape[d] = s
-                buf = torch.zeros(shape, dtype=leaf.dtype, device=leaf.device)
-                buf.narrow(d, 0, min(n, s)).copy_(leaf.narrow(d, 0, min(n, s)))
-                static_leaves.append(buf)
-            elif isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter):
-                static_leaves.append(leaf.clone())
-            else:
-                static_leaves.append(leaf)
-            token_leaf.append(token)
-        s_args, s_kwargs = pytree.tree_unflatten(static_leaves, spec)
+        inputs = CapturedInputs(args, kwargs, self.token_dim, x.shape[self.token_dim], s)
+        s_args, s_kwargs = inputs.call_inputs()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile, create workspaces, warm NCCL outside the capture
@@ -106,7 +177,7 @@ class CudaGraphRunner:
             output = self.run(r, s_args, s_kwargs)
         if self.pool is None:
             self.pool = graph.pool()
-        call = CapturedCall(graph, s, static_leaves, token_leaf, output)
+        call = CapturedCall(graph, inputs, output)
         self.captured[s] = call
         log.info("captured CUDA graph for %d tokens (range %s)", s, r)
         return call

@@ -1,9 +1,14 @@
 """Per-range lazy compilation of the graphs Dynamo hands to our backend.
 
-Dynamo traces the model once with the token dimension symbolic and calls ``GraphCache.backend``
-for every graph it produces (one per graph break). Each becomes a ``RangeGraph``: a callable that
-Dynamo runs in place of the graph, which reads the range of the current forward call (set by the
-wrapper in a thread-local) and runs that range's Inductor artifact, compiling it on first use.
+Dynamo traces the model with the token dimensions symbolic and calls ``GraphCache.backend`` for
+every graph it produces (one per graph break, one per guard set: a call with a size-1 token dim, a
+new keyword argument or a new dtype gets a graph of its own). Each becomes a ``RangeGraph``: a
+callable that Dynamo runs in place of the graph, which reads the range of the current forward call
+(``CallState``, set by the wrapper for the duration of the call) and runs that range's Inductor
+artifact, compiling it on first use.
+
+Compiles take Dynamo's own process-wide compile lock: Inductor is not thread-safe, and two wrappers
+compiling from two threads would otherwise corrupt each other's state.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
 
-# The current forward call is still tracing: graphs run eagerly and ranges are not final yet.
-TRACING = "tracing"
+
+def compile_lock() -> Any:
+    """The one lock every Dynamo trace and Inductor compile in this process takes."""
+    return torch._dynamo.convert_frame.compile_lock
 
 
 @dataclass
@@ -36,7 +43,6 @@ class CompileRecord:
     passes: list[str]
     matches: dict[str, int]
     cache_hit: bool
-    static: bool
 
 
 @dataclass
@@ -76,9 +82,10 @@ def _concrete(v: Any, bindings: dict) -> Any:
 
 
 class CallState(threading.local):
-    """Per thread: the Range of the forward call in progress (TRACING while tracing, else None)."""
+    """Per thread: what the wrapper's forward call in progress tells the graphs it runs."""
 
-    range: Any = None
+    range: Optional[Range] = None  # the call's range; None: the tracing call (graphs run as traced)
+    graph_runs: int = 0  # RangeGraph calls so far: unchanged by a call means Dynamo ran it eagerly
 
 
 class RangeGraph:
@@ -100,33 +107,36 @@ class RangeGraph:
         return bool(self.symbols)
 
     def __call__(self, *args: Any) -> Any:
-        r = self.state.range
+        state = self.state
+        state.graph_runs += 1
+        r = state.range
         fn = self.artifacts.get(r)
         if fn is None:
-            if not isinstance(r, Range):  # tracing call (or a call that bypassed the wrapper)
+            if r is None:  # the tracing call (or a call that bypassed the wrapper)
                 return self.gm(*args)
             fn = self.compile(r, args)
         return fn(*args)
 
-    def can_compile_without_inputs(self, r: Range) -> bool:
-        return not (r.is_single_size and self.is_symbolic) or len(self.symbols) == 1
+    def compiles_static(self, r: Range) -> bool:
+        """Single-size ranges compile static when one symbol (the token count) sizes the graph; with
+        several ([batch, seq] token dims) one token count has many shapes, so they stay symbolic."""
+        return not self.is_symbolic or (r.is_single_size and len(self.symbols) == 1)
 
     def compile(self, r: Range, args: Optional[Sequence[Any]] = None) -> Callable:
         """Compile for ``r`` once (concurrent callers wait for the first). Single-size ranges are
         compiled static, from the call's inputs or, in warmup, from inputs made to that size."""
-        with self.cache.compile_lock:
+        with compile_lock():
             fn = self.artifacts.get(r)
             if fn is not None:
                 return fn
-            static = r.is_single_size or not self.is_symbolic
-            if r.is_single_size and self.is_symbolic:
+            if self.is_symbolic and self.compiles_static(r):
                 if args is None:
                     (sym,) = self.symbols
                     args = [_concrete(v, {sym: r.start}) for v in self.fakes]
                 inputs = list(args)
             else:
                 inputs = self.fakes
-            fn, record = self.cache.compile_graph(self.gm, inputs, r, static, symbolic=inputs is self.fakes)
+            fn, record = self.cache.compile_graph(self.gm, inputs, r, symbolic=inputs is self.fakes)
             self.records[r] = record
             self.artifacts[r] = fn
             name = f"graph {self.index} " if len(self.cache.graphs) > 1 else ""
@@ -141,24 +151,24 @@ class RangeGraph:
 class GraphCache:
     """Every graph of one wrapped model, the Dynamo backend that collects them, and the compiler."""
 
-    def __init__(self, policy: CompilePolicy, on_new_graph: Callable[[torch.fx.GraphModule], None]):
+    def __init__(self, policy: CompilePolicy, on_new_graph: Callable[[torch.fx.GraphModule], None],
+                 tokens_now: Callable[[], Optional[int]]):
         self.policy = policy
         self.on_new_graph = on_new_graph
+        self.tokens_now = tokens_now  # token count of the call being traced
         self.graphs: list[RangeGraph] = []
         self.state = CallState()
-        self.compile_lock = threading.RLock()  # Inductor is not thread-safe; one compile at a time
-        self.traced_at: Optional[int] = None
 
     def backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         """The ``torch.compile`` backend: keep the graph, compile nothing yet."""
         self.on_new_graph(gm)
-        graph = RangeGraph(self, len(self.graphs), gm, self.traced_at)
+        graph = RangeGraph(self, len(self.graphs), gm, self.tokens_now())
         self.graphs.append(graph)
         log.debug("traced graph %d (%d nodes, symbolic: %s)", graph.index, len(gm.graph.nodes), graph.is_symbolic)
         return graph
 
     def compile_graph(
-        self, gm: torch.fx.GraphModule, inputs: list, r: Range, static: bool, symbolic: bool
+        self, gm: torch.fx.GraphModule, inputs: list, r: Range, symbolic: bool
     ) -> tuple[Callable, CompileRecord]:
         from torch._dynamo.utils import counters
         from torch._inductor import config as inductor_config
@@ -182,7 +192,7 @@ class GraphCache:
         seconds = time.perf_counter() - start
         cache_hit = counters["inductor"]["fxgraph_cache_hit"] > hits_before
         matches = self._matches(pipeline, cache_keys[-1] if cache_keys else None)
-        return fn, CompileRecord(seconds, [p.name for p in passes], matches, cache_hit, static)
+        return fn, CompileRecord(seconds, [p.name for p in passes], matches, cache_hit)
 
     @staticmethod
     def _matches(pipeline: RangePassPipeline, cache_key: Optional[str]) -> dict[str, int]:

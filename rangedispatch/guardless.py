@@ -1,48 +1,63 @@
-"""Calling Dynamo's transformed forward directly, without its guards.
+"""The per-wrapper Dynamo entry point, and calling its transformed code without guards (opt-in).
 
-Once the model is traced, Dynamo's per-call work (frame interception and guard evaluation) costs
-about 10 us on a CPU core: more than our whole dispatch. Like vLLM, we keep the bytecode Dynamo
-wrote for ``forward`` (it flattens the inputs, calls the graph, rebuilds the outputs) and call it as
-a plain function; once a range is compiled, a variant of it calls that range's artifact directly. Guards exist to catch a changed model or inputs; the wrapper replaces the ones
-that matter on a serving path with cheap checks (dtype, device and rank of the token input, grad
-mode, training flag), and takes Dynamo's guarded path whenever they differ or the trace had
-graph breaks (resume functions only compile under Dynamo).
+Every wrapper compiles its own entry function (``module(*args, **kwargs)``) whose code object is a
+fresh copy: Dynamo keeps cache entries, recompile limits and automatic-dynamic state per code
+object, so wrappers of one model class never share them (a fifth wrapper of a class does not find
+the recompile limit used up by four others, and a second hidden size does not make the first
+wrapper's hidden dim symbolic).
+
+``dispatch.skip_dynamo_guards`` (off by default): once traced, Dynamo's per-call work (frame
+interception and guard evaluation, ~10 us on a CPU core) is more than our whole dispatch. Like
+vLLM, we can keep the bytecode Dynamo wrote for the entry (it flattens the inputs, calls the graph,
+rebuilds the outputs) and call it as a plain function, bound per range to that range's artifact.
+``CallSignature`` replaces the guards with the checks listed at the option; calls that differ take
+the guarded path.
 """
 
 from __future__ import annotations
 
-import contextlib
+import builtins
+import itertools
 import threading
 import types
-from typing import Any, Callable, Iterator, Optional
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 
 _lock = threading.Lock()
-_recording = threading.local()  # .target: code object being watched in this thread, .codes: what Dynamo made
+_codes: dict[types.CodeType, list] = {}  # entry code -> the transformed codes Dynamo made for it
 _hook_installed = False
+_entry_ids = itertools.count()
 
 
 def _hook(old_code: types.CodeType, new_code: types.CodeType) -> None:
-    if getattr(_recording, "target", None) is old_code:
-        _recording.codes.append(new_code)
+    codes = _codes.get(old_code)
+    if codes is not None:
+        codes.append(new_code)
 
 
-@contextlib.contextmanager
-def recording(fn: Callable) -> Iterator[list]:
-    """Collect the bytecode Dynamo produces for ``fn`` while this thread runs the block (the
-    tracing call). Per thread and per block, so that several wrappers of one class don't mix."""
+def _entry(module, *args, **kwargs):
+    return module(*args, **kwargs)
+
+
+def make_entry(owner: object, model: torch.nn.Module) -> tuple[Callable, list]:
+    """A fresh entry function for ``owner`` (a wrapper), and the list where the bytecode Dynamo
+    makes for it is collected. Its globals are private: Dynamo installs its compiled-graph names
+    there, not in any user module."""
     global _hook_installed
+    name = f"rangedispatch_{type(model).__name__}_{next(_entry_ids)}"
+    code = _entry.__code__.replace(co_name=name, co_qualname=name) if hasattr(_entry.__code__, "co_qualname") \
+        else _entry.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, {"__builtins__": builtins, "__name__": __name__}, name)
+    codes: list = []
     with _lock:
         if not _hook_installed:
             torch._dynamo.convert_frame.register_bytecode_hook(_hook)
             _hook_installed = True
-    codes: list = []
-    _recording.target, _recording.codes = getattr(fn, "__func__", fn).__code__, codes
-    try:
-        yield codes
-    finally:
-        _recording.target = None
+        _codes[code] = codes
+    weakref.finalize(owner, _codes.pop, code, None)
+    return fn, codes
 
 
 _DYNAMO_UTILS_GLOBAL = "__import_torch_dot__dynamo_dot_utils"
@@ -89,35 +104,74 @@ class GuardlessForward:
         return types.FunctionType(self.code, globals_, f.__name__, f.__defaults__, f.__closure__)
 
 
-def guardless_forward(fn: Callable, codes: list) -> Optional[GuardlessForward]:
-    """``fn``'s transformed code as a ``GuardlessForward``, or None unless Dynamo made exactly one
-    transformed code calling exactly one graph (graph breaks need Dynamo to compile the rest)."""
-    if len(codes) != 1:
-        return None
-    code = codes[0]
+def guardless_forward(entry: Callable, code: types.CodeType) -> Optional[GuardlessForward]:
+    """``entry``'s transformed ``code`` as a ``GuardlessForward``, or None unless it calls exactly
+    one graph and resumes nothing (graph breaks need Dynamo to run the rest)."""
     compiled = [n for n in code.co_names if n.startswith(_COMPILED_FN_PREFIX)]
     if len(compiled) != 1 or any(n.startswith("__resume_at") for n in code.co_names):
         return None
-    return GuardlessForward(getattr(fn, "__func__", fn), code, compiled[0])
+    return GuardlessForward(entry, code, compiled[0])
 
 
-class TraceSignature:
-    """What the guardless path checks on every call instead of Dynamo's guards."""
+_SCALARS = (type(None), bool, int, float, str)
 
-    __slots__ = ("dtype", "device", "ndim", "grad", "training")
 
-    def __init__(self, x: torch.Tensor, module: torch.nn.Module):
-        self.dtype = x.dtype
-        self.device = x.device
-        self.ndim = x.dim()
+class CallSignature:
+    """What the guard-free path checks on every call instead of Dynamo's guards (see
+    ``dispatch.skip_dynamo_guards``). ``reason`` is set when the traced call has an argument the
+    checks cannot cover; then no call may skip the guards.
+
+    A tensor dim whose size equalled a token dim's at the traced call must equal that token dim
+    on every call; the other dims must keep their traced size. (A static dim that happened to equal
+    the token count at the traced call therefore sends other token counts to the guarded path:
+    slower, never wrong.)"""
+
+    def __init__(self, x: torch.Tensor, token_dims: list, args: tuple, kwargs: dict, module: torch.nn.Module):
+        self.reason: Optional[str] = None
+        token_sizes = {x.shape[d]: d for d in token_dims}
+        self.n_args = len(args)
+        self.keys = frozenset(kwargs)
+        self.checks: list[tuple[Any, Callable[[Any, torch.Tensor], bool]]] = []
+        for where, value in [*enumerate(args), *kwargs.items()]:
+            check = self._check_for(value, token_sizes)
+            if check is None:
+                self.reason = f"argument {where!r} is a {type(value).__name__}, which the guard-free path cannot check"
+                return
+            self.checks.append((where, check))
         self.grad = torch.is_grad_enabled()
         self.training = module.training
+        param = next(module.parameters(), None)
+        self.param = param
+        self.param_key = (param.dtype, param.device) if param is not None else None
 
-    def matches(self, x: Any, module: torch.nn.Module) -> bool:
-        return (
-            x.dtype is self.dtype
-            and x.dim() == self.ndim
-            and x.device == self.device
-            and torch.is_grad_enabled() is self.grad
-            and module.training is self.training
-        )
+    def _check_for(self, value: Any, token_sizes: dict) -> Optional[Callable[[Any, torch.Tensor], bool]]:
+        if isinstance(value, torch.Tensor):
+            if not value.is_contiguous():
+                return None
+            dtype, device, ndim, grad = value.dtype, value.device, value.dim(), value.requires_grad
+            static = tuple((d, s) for d, s in enumerate(value.shape) if s not in token_sizes)
+            tied = tuple((d, token_sizes[s]) for d, s in enumerate(value.shape) if s in token_sizes)
+
+            def tensor_ok(t: Any, x: torch.Tensor) -> bool:
+                return (isinstance(t, torch.Tensor) and t.dtype is dtype and t.dim() == ndim and t.device == device
+                        and t.requires_grad is grad and all(t.shape[d] == s for d, s in static)
+                        and all(t.shape[d] == x.shape[xd] for d, xd in tied) and t.is_contiguous())
+
+            return tensor_ok
+        if type(value) in _SCALARS:
+            kind = type(value)
+            return lambda v, x: type(v) is kind and v == value
+        return None
+
+    def matches(self, x: torch.Tensor, args: tuple, kwargs: dict, module: torch.nn.Module) -> bool:
+        if len(args) != self.n_args or kwargs.keys() != self.keys:
+            return False
+        if torch.is_grad_enabled() is not self.grad or module.training is not self.training:
+            return False
+        param = self.param
+        if param is not None and (param.dtype, param.device) != self.param_key:
+            return False
+        for where, check in self.checks:
+            if not check(args[where] if type(where) is int else kwargs[where], x):
+                return False
+        return True

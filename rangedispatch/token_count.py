@@ -1,6 +1,7 @@
 """Reading the token count of a call: the size of one input along one or more dimensions.
 
-This runs on every forward call, so the argument position and dims are resolved once, up front.
+This runs on every forward call, so the argument position and dims are resolved once, up front:
+``token_dim="auto"`` is resolved on the first call from that call's token input.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from rangedispatch.errors import ConfigError
 class TokenCounter:
     """``counter(args, kwargs) -> int`` for a module's forward signature and the dispatch config."""
 
-    def __init__(self, forward: Callable, token_arg: Union[int, str], token_dims: Sequence[int]):
-        self.dims = list(token_dims)
-        self.single_dim = self.dims[0] if len(self.dims) == 1 else None
+    def __init__(self, forward: Callable, token_arg: Union[int, str], token_dims: Union[str, Sequence[int]]):
+        self.auto = token_dims == "auto"
+        self.dims: list[int] = [] if self.auto else list(token_dims)
+        self.single_dim: Optional[int] = None
         self.position: Optional[int] = None
         self.name: Optional[str] = None
         params = _positional_params(forward)
@@ -51,7 +53,8 @@ class TokenCounter:
 
     def read(self, args: tuple, kwargs: dict) -> tuple[Any, int, bool]:
         """``(token input, token count, every token dim >= 2)``. The last says whether the call may
-        take the symbolic graph's fast path: Dynamo specializes dims of size 0 and 1."""
+        take the guard-free path: Dynamo specializes dims of size 0 and 1, so such calls have graphs
+        of their own."""
         pos = self.position
         x = args[pos] if pos is not None and pos < len(args) else self.token_input(args, kwargs)
         dim = self.single_dim
@@ -63,10 +66,15 @@ class TokenCounter:
         return x, math.prod(sizes), min(sizes) >= 2
 
     def check(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Validate the token input once (first call) with a clear message; returns it."""
+        """Validate the token input once (first call) with a clear message and resolve
+        ``token_dim="auto"`` from it; returns it."""
         x = self.token_input(args, kwargs)
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"dispatch.token_arg selects an input of type {type(x).__name__}; it must be a tensor")
+        if self.auto and not self.dims:
+            self.dims = auto_token_dims(x)
+        self.dims = [d % x.dim() if -x.dim() <= d < x.dim() else d for d in self.dims]
+        self.single_dim = self.dims[0] if len(self.dims) == 1 else None
         for d in self.dims:
             if not -x.dim() <= d < x.dim():
                 raise ConfigError(
@@ -74,6 +82,13 @@ class TokenCounter:
                     f"of shape {tuple(x.shape)}; allowed dims: {-x.dim()}..{x.dim() - 1}"
                 )
         return x
+
+
+def auto_token_dims(x: torch.Tensor) -> list[int]:
+    """Every dim of integer token ids; every dim but the last (the hidden size) of activations."""
+    if x.dim() <= 1 or not (x.is_floating_point() or x.is_complex()):
+        return list(range(max(x.dim(), 1)))
+    return list(range(x.dim() - 1))
 
 
 def _positional_params(fn: Callable) -> list[str]:

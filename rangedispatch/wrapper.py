@@ -1,21 +1,30 @@
-"""RangeCompiledModule: one trace, one compiled graph per token-count range, dispatch per call."""
+"""RangeCompiledModule: one trace, one compiled graph per token-count range, dispatch per call.
+
+Read top to bottom, this file is the lifecycle of a wrapped model:
+
+1. construct: the config gives split points; the wrapper gets its own Dynamo entry point;
+2. trace: the first call runs under Dynamo, token dims symbolic; every traced graph becomes a
+   ``RangeGraph`` and the passes read their split points off it;
+3. finalize: the config's and the passes' split points become the final ranges;
+4. per-range compile: each ``RangeGraph`` compiles a range on the first call that needs it
+   (``graph_cache.py``), with the passes that apply to that range;
+5. dispatch: every call counts its tokens, looks up its range and runs through Dynamo's guards
+   (or, opted in, the guard-free path) into that range's artifact.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.fx
 from torch import nn
 
-from rangedispatch import guardless
-from rangedispatch.cudagraphs import CudaGraphRunner, resize_tokens
+from rangedispatch import dynamic_dims, guardless
 from rangedispatch.config import RangeDispatchConfig, load_config, to_schema
-from rangedispatch.errors import NotTracedError, OutOfRangeError
-from rangedispatch.graph_cache import TRACING, CompilePolicy, GraphCache
-from rangedispatch.guardless import TraceSignature
+from rangedispatch.cudagraphs import CudaGraphRunner, resize_tokens
+from rangedispatch.errors import ConfigError, NotTracedError, OutOfRangeError
+from rangedispatch.graph_cache import CompilePolicy, GraphCache, compile_lock
 from rangedispatch.passes import GraphPass
 from rangedispatch.ranges import Range, RangeTable
 from rangedispatch.token_count import TokenCounter
@@ -29,9 +38,10 @@ class RangeCompiledModule(nn.Module):
 
     ``passes`` adds graph passes to those the config enables (fusion). Calling the wrapper skips
     ``nn.Module``'s hook machinery (the dispatch path runs on every call); hooks registered on the
-    wrapped model are traced as usual.
+    wrapped model run as usual.
     """
 
+    # ------------------------------------------------------------------ 1. construct
     def __init__(self, model: nn.Module, cfg: Any = None, passes: Sequence[GraphPass] = ()):
         super().__init__()
         self.module = model
@@ -43,25 +53,21 @@ class RangeCompiledModule(nn.Module):
         self._table: Optional[RangeTable] = None
         self._calls: dict[Range, int] = {}
         self._extra_sizes: list[int] = []
-        self._trace_lock = threading.Lock()
+        self._warned: set[str] = set()
         policy = CompilePolicy(passes_for=self._passes_for, max_autotune_for=self._max_autotune_for)
-        self._graphs = GraphCache(policy, on_new_graph=self._on_new_graph)
+        self._graphs = GraphCache(policy, on_new_graph=self._on_new_graph, tokens_now=self._pending_tokens)
         self._state = self._graphs.state
-        self._guardless: Optional[guardless.GuardlessForward] = None
+        self._cudagraphs: Optional[CudaGraphRunner] = None
+        self._guard_free: Optional[_GuardFree] = None
         self._call: Optional[Callable] = None  # the per-call path, built once the model is traced
-        self._signature: Optional[TraceSignature] = None
-        _reserve_dynamo_entries()
-        self._cudagraphs: Optional[CudaGraphRunner] = (
-            CudaGraphRunner(d.cudagraph_sizes, d.token_dims[0], self._run_for_capture) if d.cudagraph_sizes else None
-        )
         object.__setattr__(self, "_model", model)  # `self.module` goes through nn.Module.__getattr__: slow
-        # not registered as a submodule: the state dict stays that of `module`
-        # dynamic=False: only the token dims marked at trace time are dynamic. Dynamo would otherwise
-        # make any dim dynamic that changed between traces of the same forward code (another wrapper
-        # of the same class with another hidden size), and a symbolic hidden size disables fusion.
-        object.__setattr__(self, "_compiled", torch.compile(model, backend=self._graphs.backend, dynamic=False))
+        # Our own entry function (own Dynamo cache entries and recompile limit), not registered as a
+        # submodule: the state dict stays that of `module`. dynamic=False: only the token dims that
+        # dynamic_dims marks are symbolic; a symbolic hidden size would disable fusion.
+        self._entry, self._entry_codes = guardless.make_entry(self, model)
+        object.__setattr__(self, "_compiled", torch.compile(self._entry, backend=self._graphs.backend, dynamic=False))
+        dynamic_dims.install()
 
-    # ----------------------------------------------------------------------------- hot path
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = self._call
         if call is None:
@@ -70,138 +76,30 @@ class RangeCompiledModule(nn.Module):
 
     forward = __call__
 
-    def _build_call_path(self) -> None:
-        """After tracing: the per-call path, as closures over everything it reads. It runs on every
-        forward call, so it does no attribute lookups on self (each costs more than a dict hit).
-        Without guards, a compiled range runs Dynamo's bytecode bound to that range's artifact; the
-        first call of a range (which compiles it) goes through the graph's range dispatch."""
-        read, lookup, calls = self._counter.read, self._table.lookup, self._calls
-        state, model, compiled, graphs = self._state, self._model, self._compiled, self._cudagraphs
-        guardless_fwd = self._guardless
-        fast = guardless_fwd.generic if guardless_fwd is not None else None
-        matches = self._signature.matches if guardless_fwd is not None else None
-        graph = self._graphs.graphs[0] if guardless_fwd is not None else None
-        direct: dict[Range, Callable] = {}  # range -> guardless forward calling its artifact
-        out_of_range = self._out_of_range
-
-        def run(r: Range, x: Any, fast_ok: bool, args: tuple, kwargs: dict) -> Any:
-            state.range = r
-            try:
-                if fast_ok and matches is not None and matches(x, model):
-                    out = fast(model, *args, **kwargs)
-                    if r in graph.artifacts:
-                        direct[r] = guardless_fwd.for_artifact(graph.artifacts[r])
-                    return out
-                return compiled(*args, **kwargs)
-            finally:
-                state.range = None
-
-        def call(args: tuple, kwargs: dict) -> Any:
-            x, n, fast_ok = read(args, kwargs)
-            r = lookup(n)
-            if r is None:
-                return out_of_range(n, args, kwargs)
-            calls[r] += 1
-            if graphs is not None:
-                s = graphs.size_for(r, n)
-                if s is not None:
-                    return graphs.replay(r, s, n, x, args, kwargs)
-            f = direct.get(r)
-            if f is not None and fast_ok and matches(x, model):
-                return f(model, *args, **kwargs)
-            return run(r, x, fast_ok, args, kwargs)
-
-        self._run, self._call = run, call
-
-    def _run_for_capture(self, r: Range, args: tuple, kwargs: dict) -> Any:
-        x, _, fast_ok = self._counter.read(args, kwargs)
-        return self._run(r, x, fast_ok, args, kwargs)
-
-    # ----------------------------------------------------------------------------- public API
-    @property
-    def ranges(self) -> list[Range]:
-        """The ranges in order; before the model is traced, those the config alone gives."""
-        if self._table is not None:
-            return self._table.ranges
-        d = self.config.dispatch
-        return RangeTable(d.split_points, d.compile_sizes, d.max_num_tokens).ranges
-
-    @property
-    def graphs(self) -> list:
-        """The graphs Dynamo produced (more than one after graph breaks), each a ``RangeGraph``."""
-        return list(self._graphs.graphs)
-
-    def range_for(self, num_tokens: int) -> Optional[Range]:
-        table = self._require_table("range_for()")
-        return table.lookup(num_tokens)
-
-    def stats(self) -> dict[Range, dict[str, Any]]:
-        """Per range: compiled?, calls, compile seconds, passes applied and matches per pass (summed
-        over the model's graphs)."""
-        table = self._table
-        ranges = table.ranges if table is not None else self.ranges
-        out = {}
-        for r in ranges:
-            records = [g.records[r] for g in self._graphs.graphs if r in g.records]
-            matches: dict[str, int] = {}
-            for rec in records:
-                for name, count in rec.matches.items():
-                    matches[name] = matches.get(name, 0) + count
-            out[r] = {
-                "compiled": bool(records),
-                "calls": self._calls.get(r, 0),
-                "compile_s": sum(rec.seconds for rec in records),
-                "passes": [p.name for p in self._passes_for(r)],
-                "matches": matches,
-                "cache_hits": sum(rec.cache_hit for rec in records),
-                "extra": r.is_single_size and r.start in self._extra_sizes,
-                "cudagraphs": sorted(s for s in (self._cudagraphs.captured if self._cudagraphs else ()) if s in r),
-            }
-        return out
-
-    def warmup(self, *args: Any, **kwargs: Any) -> "RangeCompiledModule":
-        """Compile every range now. The first time, pass example inputs (any size in range): they
-        trace the model."""
-        if self._table is None:
-            if not args and not kwargs:
-                raise NotTracedError("warmup() needs example inputs the first time: warmup(x) traces the model")
-            self._trace_call(args, kwargs)
-        for r in self._table.ranges:
-            for g in self._graphs.graphs:
-                if not g.is_symbolic and g.traced_at is not None and g.traced_at not in r:
-                    continue  # a static graph only ever runs at the size it was traced at
-                if not g.can_compile_without_inputs(r):
-                    log.info("warmup: graph %d has several symbolic sizes; %s compiles on its first call", g.index, r)
-                    continue
-                g.compile(r)
-        if self._cudagraphs is not None:
-            self._capture_all(args, kwargs)
-        return self
-
-    def _capture_all(self, args: tuple, kwargs: dict) -> None:
-        """Capture every CUDA graph, largest first (they share one memory pool)."""
-        if not args and not kwargs:
-            log.info("warmup: no example inputs, CUDA graphs are captured on first use")
-            return
-        x, n, _ = self._counter.read(args, kwargs)
-        dim = self.config.dispatch.token_dims[0] % x.dim()
-        for s in sorted(self._cudagraphs.sizes, reverse=True):
-            r = self._table.lookup(s)
-            if r is None or s in self._cudagraphs.captured:
-                continue
-            s_args, s_kwargs = resize_tokens(args, kwargs, dim, n, s)
-            sx = self._counter.token_input(s_args, s_kwargs)
-            self._cudagraphs.capture(r, s, sx, s_args, s_kwargs)
-
-    # ----------------------------------------------------------------------------- internals
-    def _passes_for(self, r: Range) -> list[GraphPass]:
-        return [p for p in self.passes if p.applies(r)]
-
-    def _max_autotune_for(self, r: Range) -> bool:
-        mode = self.config.compile.max_autotune
-        return mode == "always" or (mode == "single_sizes" and r.is_single_size)
+    # ------------------------------------------------------------------ 2. trace (first call)
+    def _trace_call(self, args: tuple, kwargs: dict) -> Any:
+        with compile_lock():
+            if self._table is not None:  # another thread traced first
+                return self(*args, **kwargs)
+            x = self._counter.check(args, kwargs)
+            n = self._counter(args, kwargs)
+            d = self.config.dispatch
+            if n < 1 or (n > d.max_num_tokens and d.out_of_range != "compile"):
+                return self._out_of_range(n, args, kwargs)  # nothing is traced from an empty call
+            if d.cudagraph_sizes:
+                self._cudagraphs = self._make_cudagraphs(x)
+            out = self._run_guarded(None, x, args, kwargs)  # graphs run as traced: ranges are not final
+            self._finalize_ranges()
+            if d.skip_dynamo_guards:
+                self._guard_free = _GuardFree()
+            self._build_call_path()
+            r = self._table.lookup(n)
+            if r is not None:
+                self._calls[r] += 1
+            return out
 
     def _on_new_graph(self, gm: torch.fx.GraphModule) -> None:
+        """Every graph Dynamo traces: the passes ask for split points (the fusion threshold)."""
         wanted = {p for ps in (ps.split_points(gm) for ps in self.passes) for p in ps}
         max_n = self.config.dispatch.max_num_tokens
         usable = {p for p in wanted if 1 <= p < max_n}
@@ -213,51 +111,12 @@ class RangeCompiledModule(nn.Module):
             )
         self._pass_split_points |= usable
 
-    def _trace_call(self, args: tuple, kwargs: dict) -> Any:
-        with self._trace_lock:
-            if self._table is not None:
-                return self(*args, **kwargs)
-            x = self._counter.check(args, kwargs)
-            n = self._counter(args, kwargs)
-            d = self.config.dispatch
-            if not 1 <= n <= d.max_num_tokens and d.out_of_range != "compile":
-                return self._out_of_range(n, args, kwargs)
-            self._mark_token_dims_dynamic(x, args, kwargs)
-            self._graphs.traced_at = n
-            self._state.range = TRACING
-            try:
-                with guardless.recording(self._model.forward) as codes:
-                    out = self._compiled(*args, **kwargs)
-            finally:
-                self._state.range = None
-            self._finalize_ranges()
-            if self.config.dispatch.skip_dynamo_guards:
-                self._guardless = guardless.guardless_forward(self._model.forward, codes)
-                self._signature = guardless.TraceSignature(x, self._model)
-                log.info("Dynamo guards: %s", "skipped after tracing (dispatch.skip_dynamo_guards)"
-                         if self._guardless else "kept (graph breaks or no single transformed forward)")
-            self._build_call_path()
-            r = self._table.lookup(n)
-            if r is not None:
-                self._calls[r] += 1
-            return out
+    def _pending_tokens(self) -> Optional[int]:
+        """Token count of the call Dynamo is tracing on this thread (for the graph's record)."""
+        inputs = dynamic_dims.pending.inputs
+        return self._counter(*inputs) if inputs is not None else None
 
-    def _mark_token_dims_dynamic(self, x: torch.Tensor, args: tuple, kwargs: dict) -> None:
-        """The token dims of the token input are dynamic (bounded by max_num_tokens unless calls
-        beyond it compile on demand). Other inputs of the same size in those dims are marked
-        "maybe" dynamic: the graph may force them equal (``x + residual``)."""
-        d = self.config.dispatch
-        bound = None if d.out_of_range == "compile" else d.max_num_tokens
-        dims = [dim % x.dim() for dim in d.token_dims]
-        for dim in dims:
-            if x.shape[dim] >= 2:
-                torch._dynamo.mark_dynamic(x, dim, **({"min": 2, "max": bound} if bound else {}))
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t is not x and not isinstance(t, nn.Parameter):
-                for dim in dims:
-                    if dim < t.dim() and t.shape[dim] == x.shape[dim] and t.shape[dim] >= 2:
-                        torch._dynamo.maybe_mark_dynamic(t, dim)
-
+    # ------------------------------------------------------------------ 3. finalize ranges
     def _finalize_ranges(self) -> None:
         d = self.config.dispatch
         points = set(d.split_points) | self._pass_split_points
@@ -267,6 +126,112 @@ class RangeCompiledModule(nn.Module):
         log.info("ranges: %s%s", " ".join(map(str, table.ranges)),
                  f" (split points added by passes: {added})" if added else "")
         self._table = table
+
+    # ------------------------------------------------------------------ 4. per-range compile
+    def _passes_for(self, r: Range) -> list[GraphPass]:
+        return [p for p in self.passes if p.applies(r)]
+
+    def _max_autotune_for(self, r: Range) -> bool:
+        mode = self.config.compile.max_autotune
+        return mode == "always" or (mode == "single_sizes" and r.is_single_size)
+
+    def warmup(self, *args: Any, **kwargs: Any) -> "RangeCompiledModule":
+        """Compile every range now. The first time, pass example inputs (any size in range): they
+        trace the model. An example with a token dim of size 1 is also run at size 2 there, so that
+        the graph for larger calls exists too."""
+        if self._table is None:
+            if not args and not kwargs:
+                raise NotTracedError("warmup() needs example inputs the first time: warmup(x) traces the model")
+            self._trace_call(args, kwargs)
+        if args or kwargs:
+            x = self._counter.token_input(args, kwargs)
+            size_one = [dim for dim in self._counter.dims if x.shape[dim] == 1]
+            for dim in size_one:
+                args, kwargs = resize_tokens(args, kwargs, dim, 1, 2)
+            if size_one:
+                self(*args, **kwargs)
+        for r in self._table.ranges:
+            for g in self._graphs.graphs:
+                if not g.is_symbolic and g.traced_at is not None and g.traced_at not in r:
+                    continue  # a static graph only ever runs at the size it was traced at
+                g.compile(r)
+        if self._cudagraphs is not None:
+            self._capture_all(args, kwargs)
+        return self
+
+    # ------------------------------------------------------------------ 5. dispatch
+    def _build_call_path(self) -> None:
+        """After tracing: the per-call path, as a closure over everything it reads. It runs on every
+        forward call, so it does no attribute lookups on self (each costs more than a dict hit)."""
+        read, lookup, calls = self._counter.read, self._table.lookup, self._calls
+        cudagraphs, guard_free, model = self._cudagraphs, self._guard_free, self._model
+        run_guarded, out_of_range = self._run_guarded, self._out_of_range
+
+        def call(args: tuple, kwargs: dict) -> Any:
+            x, n, all_dims_above_one = read(args, kwargs)
+            r = lookup(n)
+            if r is None:
+                return out_of_range(n, args, kwargs)
+            if cudagraphs is not None:
+                s = cudagraphs.size_for(r, n)
+                if s is not None:
+                    out = cudagraphs.replay(r, s, n, x, args, kwargs)
+                    if out is not cudagraphs.MISMATCH:
+                        calls[r] += 1
+                        return out
+            if guard_free is not None and all_dims_above_one:
+                signature = guard_free.signature
+                if signature is not None and signature.matches(x, args, kwargs, model):
+                    out = guard_free.run(r, model, args, kwargs)
+                else:
+                    out = self._run_and_learn_guard_free(r, x, args, kwargs)
+            else:
+                out = run_guarded(r, x, args, kwargs)
+            calls[r] += 1
+            return out
+
+        self._call = call
+
+    def _run_guarded(self, r: Optional[Range], x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """Through Dynamo's guards into range ``r``'s graphs (``None``: the tracing call, whose graphs
+        run as traced). Any Dynamo compile this call starts marks its token dims dynamic."""
+        state, pending = self._state, dynamic_dims.pending
+        state.range = r
+        pending.inputs, pending.token_input, pending.token_dims = (args, kwargs), x, self._counter.dims
+        runs = state.graph_runs
+        try:
+            with compile_lock():  # Dynamo refuses to run while another thread traces (FX's flag is global)
+                out = self._compiled(self._model, *args, **kwargs)
+        finally:
+            state.range = None
+            pending.inputs = pending.token_input = None
+        if state.graph_runs == runs:
+            self._warn_once(
+                "eager", "a call of %d tokens (range %s) ran eagerly: Dynamo ran no compiled graph for it "
+                "(torch._dynamo.config.recompile_limit=%d reached for this wrapper, or the frame was skipped); "
+                "TORCH_LOGS=recompiles shows which guard failed", self._counter(args, kwargs), r,
+                torch._dynamo.config.recompile_limit)
+        return out
+
+    def _run_and_learn_guard_free(self, r: Range, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """The guarded path; the first such call that traces one whole graph for token dims >= 2
+        gives the guard-free path its bytecode and the signature calls must match to use it."""
+        guard_free = self._guard_free
+        codes, graphs = len(self._entry_codes), len(self._graphs.graphs)
+        out = self._run_guarded(r, x, args, kwargs)
+        if guard_free.signature is None and guard_free.reason is None:
+            new_codes, new_graphs = self._entry_codes[codes:], self._graphs.graphs[graphs:]
+            if len(new_codes) == 1 and len(new_graphs) == 1:
+                forward = guardless.guardless_forward(self._entry, new_codes[0])
+                signature = guardless.CallSignature(x, self._counter.dims, args, kwargs, self._model)
+                reason = ("the trace has graph breaks or resumes" if forward is None else signature.reason)
+                if reason is not None:
+                    guard_free.reason = reason
+                    log.info("dispatch.skip_dynamo_guards: every call keeps Dynamo's guards: %s", reason)
+                else:
+                    guard_free.learn(forward, new_graphs[0], signature, self._state)
+                    log.info("dispatch.skip_dynamo_guards: calls like this one now skip Dynamo's guards")
+        return out
 
     def _out_of_range(self, n: int, args: tuple, kwargs: dict) -> Any:
         d = self.config.dispatch
@@ -289,25 +254,121 @@ class RangeCompiledModule(nn.Module):
                 f"(dispatch.max_num_tokens); dispatch.out_of_range=error. Allowed: 1..{d.max_num_tokens}, "
                 "or set dispatch.out_of_range to eager or compile"
             )
-        log.debug("%d tokens is outside [1, %d]: running the module eagerly", n, d.max_num_tokens)
-        return self.module(*args, **kwargs)
+        self._warn_once("out_of_range", "%d tokens is outside the compiled ranges [1, %d] (dispatch.out_of_range=%s): "
+                        "running the module eagerly (said once)", n, d.max_num_tokens, mode,
+                        level=logging.INFO if mode == "eager" else logging.WARNING)
+        return self._model(*args, **kwargs)
 
-    def _require_table(self, what: str) -> RangeTable:
+    # ------------------------------------------------------------------ CUDA graphs
+    def _make_cudagraphs(self, x: torch.Tensor) -> CudaGraphRunner:
+        d = self.config.dispatch
+        dims = self._counter.dims
+        if len(dims) != 1:
+            raise ConfigError(
+                f"dispatch.cudagraph_sizes={d.cudagraph_sizes} needs a single token dim; dispatch.token_dim="
+                f"{d.token_dim} gives {dims} for the token input of shape {tuple(x.shape)}: set dispatch.token_dim")
+        return CudaGraphRunner(d.cudagraph_sizes, dims[0], self._run_for_capture)
+
+    def _run_for_capture(self, r: Range, args: tuple, kwargs: dict) -> Any:
+        x = self._counter.token_input(args, kwargs)
+        return self._run_guarded(r, x, args, kwargs)
+
+    def _capture_all(self, args: tuple, kwargs: dict) -> None:
+        """Capture every CUDA graph, largest first (they share one memory pool)."""
+        if not args and not kwargs:
+            log.info("warmup: no example inputs, CUDA graphs are captured on first use")
+            return
+        x, n, _ = self._counter.read(args, kwargs)
+        dim = self._counter.dims[0]
+        for s in sorted(self._cudagraphs.sizes, reverse=True):
+            r = self._table.lookup(s)
+            if r is None or s in self._cudagraphs.captured:
+                continue
+            s_args, s_kwargs = resize_tokens(args, kwargs, dim, n, s)
+            sx = self._counter.token_input(s_args, s_kwargs)
+            self._cudagraphs.capture(r, s, sx, s_args, s_kwargs)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def ranges(self) -> list[Range]:
+        """The ranges in order; before the model is traced, those the config alone gives."""
+        if self._table is not None:
+            return self._table.ranges
+        d = self.config.dispatch
+        return RangeTable(d.split_points, d.compile_sizes, d.max_num_tokens).ranges
+
+    @property
+    def graphs(self) -> list:
+        """The graphs Dynamo produced, each a ``RangeGraph``: one per graph break and one per guard
+        set (a size-1 token dim, other keyword arguments, other dtypes)."""
+        return list(self._graphs.graphs)
+
+    def range_for(self, num_tokens: int) -> Optional[Range]:
         if self._table is None:
-            raise NotTracedError(f"{what} needs the traced model: call the module or warmup(example_inputs) first")
-        return self._table
+            raise NotTracedError("range_for() needs the traced model: call the module or warmup(example_inputs) first")
+        return self._table.lookup(num_tokens)
+
+    def stats(self) -> dict[Range, dict[str, Any]]:
+        """Per range: compiled?, calls that returned, compile seconds, passes applied and matches
+        per pass (summed over the model's graphs: ``graphs[i].records[r].matches`` has them per graph)."""
+        table = self._table
+        ranges = table.ranges if table is not None else self.ranges
+        out = {}
+        for r in ranges:
+            records = [g.records[r] for g in self._graphs.graphs if r in g.records]
+            matches: dict[str, int] = {}
+            for rec in records:
+                for name, count in rec.matches.items():
+                    matches[name] = matches.get(name, 0) + count
+            out[r] = {
+                "compiled": bool(records),
+                "calls": self._calls.get(r, 0),
+                "compile_s": sum(rec.seconds for rec in records),
+                "passes": [p.name for p in self._passes_for(r)],
+                "matches": matches,
+                "cache_hits": sum(rec.cache_hit for rec in records),
+                "extra": r.is_single_size and r.start in self._extra_sizes,
+                "cudagraphs": sorted(s for s in (self._cudagraphs.captured if self._cudagraphs else ()) if s in r),
+            }
+        return out
+
+    def _warn_once(self, key: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.log(level, msg, *args)
 
 
-ENTRIES_PER_WRAPPER = 4  # the symbolic trace, the 1-token trace, and room for a dtype change
+class _GuardFree:
+    """The opt-in guard-free path (``dispatch.skip_dynamo_guards``), learned from one guarded call:
+    Dynamo's transformed entry bytecode, bound per range to that range's artifact."""
 
+    def __init__(self) -> None:
+        self.signature: Optional[guardless.CallSignature] = None
+        self.reason: Optional[str] = None
+        self.forward: Optional[guardless.GuardlessForward] = None
+        self.graph: Any = None
+        self.state: Any = None
+        self.bound: dict[Range, Callable] = {}  # range -> bytecode calling its artifact directly
 
-def _reserve_dynamo_entries() -> None:
-    """Dynamo's recompile limit counts cache entries per code object, across all torch.compile
-    wrappers: with a few wrapped instances of one model class, later ones would silently run eager.
-    Each wrapper raises the limit by the entries it may need."""
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = cfg.recompile_limit + ENTRIES_PER_WRAPPER
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, cfg.recompile_limit)
+    def learn(self, forward: guardless.GuardlessForward, graph: Any, signature: guardless.CallSignature,
+              state: Any) -> None:
+        self.forward, self.graph, self.state = forward, graph, state
+        self.signature = signature
+
+    def run(self, r: Range, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        f = self.bound.get(r)
+        if f is not None:
+            return f(model, *args, **kwargs)
+        state = self.state
+        state.range = r
+        try:  # compiles r through the graph's own dispatch, then binds its artifact
+            out = self.forward.generic(model, *args, **kwargs)
+        finally:
+            state.range = None
+        artifact = self.graph.artifacts.get(r)
+        if artifact is not None:
+            self.bound[r] = self.forward.for_artifact(artifact)
+        return out
 
 
 def _config_passes(cfg: RangeDispatchConfig) -> list[GraphPass]:

@@ -43,21 +43,28 @@ class DispatchConfig:
     # Which input's size is the token count: a position in the forward call's arguments (int >= 0)
     # or a parameter name (str).
     token_arg: Union[int, str] = 0
-    # Which dimension(s) of that input count tokens: an int, or a list whose product is the token
-    # count ([0, 1] for [batch, seq, hidden] inputs). Negative dims count from the end.
-    token_dim: Union[int, list[int]] = 0
+    # Which dimension(s) of that input count tokens: "auto", an int, or a list whose product is the
+    # token count ([0, 1] for [batch, seq, hidden]). Negative dims count from the end. "auto" decides
+    # on the first call: every dim of an integer input (token ids [batch, seq]), every dim but the
+    # last of a floating one (activations [tokens, hidden] or [batch, seq, hidden]).
+    token_dim: Union[str, int, list[int]] = "auto"
     # A call outside [1, max_num_tokens]: "error" raises, "eager" runs the plain module, "compile"
     # compiles a single-size graph for that count (at most max_extra_sizes of them).
     out_of_range: str = "error"
     # Bound on the single-size graphs out_of_range="compile" may add, so that a stream of odd sizes
     # cannot compile without end. Integer >= 0.
     max_extra_sizes: int = 16
-    # After tracing, call Dynamo's transformed forward directly instead of through Dynamo's guards
-    # (as vLLM does): ~10 us less per call on a CPU core. The wrapper still checks the token input's
-    # dtype, device and rank, grad mode and module.training, and takes the guarded path when any
-    # differs, for 1-token calls, and when the trace has graph breaks. Set false if other inputs or
-    # module attributes change between calls in ways the graph depends on.
-    skip_dynamo_guards: bool = True
+    # Opt-in fast path for serving loops that promise a fixed model: calls skip Dynamo's guards and
+    # run Dynamo's transformed forward bound to the range's compiled graph (~10 us less per call on a
+    # CPU core). Instead of the guards, every call is checked for: the same positional count and
+    # keyword names; per tensor argument the same dtype, device, rank, non-token sizes, requires_grad
+    # and contiguity; equal values of None/bool/int/float/str arguments; grad mode; the wrapped
+    # module's own `training` flag; the dtype and device of its first parameter. A call that differs
+    # takes Dynamo's guarded path. NOT checked: other parameters and buffers, submodules' `training`
+    # flags, Python attributes or globals that forward reads, and side effects in forward (replayed
+    # as traced). Arguments other than tensors and those scalars (lists, caches, objects) keep the
+    # guarded path for every call. false (default): Dynamo's guards check everything.
+    skip_dynamo_guards: bool = False
     # Token counts to capture one CUDA graph each for (CUDA inputs only): a call pads up to the next
     # listed size inside its range and gets its outputs sliced back. Integers in [1, max_num_tokens];
     # needs a single token_dim.
@@ -72,10 +79,11 @@ class DispatchConfig:
             isinstance(self.token_arg, str) and self.token_arg.isidentifier()
         ):
             raise fail(f"{k}.token_arg", self.token_arg, "an argument position (int >= 0) or parameter name (str)")
-        dims = self.token_dim if isinstance(self.token_dim, (list, tuple)) else [self.token_dim]
-        if not dims or not all(is_int(d) for d in dims) or len(set(dims)) != len(dims):
-            raise fail(f"{k}.token_dim", self.token_dim, "an int or a non-empty list of distinct ints")
-        self.token_dim = list(dims) if isinstance(self.token_dim, (list, tuple)) else self.token_dim
+        if self.token_dim != "auto":
+            dims = self.token_dim if isinstance(self.token_dim, (list, tuple)) else [self.token_dim]
+            if not dims or not all(is_int(d) for d in dims) or len(set(dims)) != len(dims):
+                raise fail(f"{k}.token_dim", self.token_dim, "'auto', an int or a non-empty list of distinct ints")
+            self.token_dim = list(dims) if isinstance(self.token_dim, (list, tuple)) else self.token_dim
         check_choice(f"{k}.out_of_range", self.out_of_range, OUT_OF_RANGE_MODES)
         check_int(f"{k}.max_extra_sizes", self.max_extra_sizes, lo=0)
         check_bool(f"{k}.skip_dynamo_guards", self.skip_dynamo_guards)
@@ -84,7 +92,10 @@ class DispatchConfig:
             raise fail(f"{k}.token_dim", self.token_dim, f"a single dim when {k}.cudagraph_sizes is set")
 
     @property
-    def token_dims(self) -> list[int]:
+    def token_dims(self) -> Union[str, list[int]]:
+        """``"auto"`` or the token dims as a list."""
+        if self.token_dim == "auto":
+            return "auto"
         return list(self.token_dim) if isinstance(self.token_dim, list) else [self.token_dim]
 
 
