@@ -1,9 +1,10 @@
-"""Per-call overhead of RangeCompiledModule over calling the compiled artifact directly.
+"""Per-call overhead of RangeCompiledModule, both dispatch modes, against torch.compile.
 
     python benchmarks/dispatch_overhead.py [--calls 20000] [--out benchmarks/results/dispatch_overhead.md]
 
-A tiny module (one add on a [tokens, 16] tensor) keeps the compute negligible, so the difference is
-what the wrapper costs: token count, range lookup, Dynamo's guards and our graph dispatch.
+Small modules on a [16, 64] input keep the compute small, so the differences are what each path
+costs per call. "artifact" calls the range's compiled Inductor graph directly with the inputs
+Dynamo's bytecode passes it: the floor every mode pays. Overhead = time - artifact time.
 """
 
 from __future__ import annotations
@@ -15,13 +16,28 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 from rangedispatch import RangeCompiledModule, load_config
 
+HIDDEN = 64
 
-class Tiny(torch.nn.Module):
+
+class TwoLayerMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(HIDDEN, 4 * HIDDEN)
+        self.down = nn.Linear(4 * HIDDEN, HIDDEN)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 1.0
+        return self.down(torch.relu(self.up(x)))
+
+
+MODELS = {
+    "nn.Linear": lambda: nn.Linear(HIDDEN, HIDDEN),
+    "nn.Sequential": lambda: nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN)),
+    "2-layer MLP": TwoLayerMlp,
+}
 
 
 def _median_us(fn, calls: int, repeats: int = 7) -> float:
@@ -36,46 +52,64 @@ def _median_us(fn, calls: int, repeats: int = 7) -> float:
     return statistics.median(samples)
 
 
+def _artifact_call(m: RangeCompiledModule, x: torch.Tensor):
+    """The range's artifact with the flat inputs Dynamo's bytecode hands the graph."""
+    graph = next(g for g in m.graphs if g.is_symbolic)
+    artifact = graph.artifacts[m.range_for(x.shape[0])]
+    captured = []
+    original = type(graph).__call__
+    type(graph).__call__ = lambda self, *a: captured.append(a) or original(self, *a)
+    try:
+        m(x)
+    finally:
+        type(graph).__call__ = original
+    graph_args = captured[0]
+    return lambda: artifact(*graph_args)
+
+
+def measure(name: str, calls: int, tokens: int) -> dict:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(tokens, HIDDEN)
+    row = {"model": name}
+    with torch.no_grad():
+        for mode, guard_free in (("guards", False), ("guard_free", True)):
+            m = RangeCompiledModule(model, load_config(["hardware=cpu", "fusion.enabled=false",
+                                                        f"dispatch.skip_dynamo_guards={guard_free}"]))
+            m(x)
+            m(x)  # compiles the range; the guard-free path binds it
+            row[mode] = _median_us(lambda: m(x), calls)
+            if not guard_free:
+                row["artifact"] = _median_us(_artifact_call(m, x), calls)
+        plain = torch.compile(model, dynamic=True)
+        plain(x)
+        row["torch_compile"] = _median_us(lambda: plain(x), calls)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--out", default=None, help="append a result row to this markdown file")
+    ap.add_argument("--out", default=None, help="append the result rows to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(1)
-
-    m = RangeCompiledModule(Tiny(), load_config(["hardware=cpu", "fusion.enabled=false", "dispatch.split_points=[8,32]"]))
-    x = torch.randn(args.tokens, 16)
-    m(x)
-    m(x)  # compiles the range
-    r = m.range_for(args.tokens)
-    graph = m.graphs[0]
-    artifact = graph.artifacts[r]
-    captured = []  # the graph's flattened inputs, as Dynamo's bytecode passes them
-    original = type(graph).__call__
-    type(graph).__call__ = lambda self, *a: captured.append(a) or original(self, *a)
-    m._state.range = r
-    m._compiled(x)  # Dynamo's guarded path reaches the graph through RangeGraph.__call__
-    m._state.range = None
-    type(graph).__call__ = original
-    graph_args = captured[0]
-
-    direct = _median_us(lambda: artifact(*graph_args), args.calls)
-    wrapped = _median_us(lambda: m(x), args.calls)
-    plain_compile = torch.compile(Tiny())
-    torch._dynamo.mark_dynamic(x, 0)
-    plain_compile(x)
-    plain = _median_us(lambda: plain_compile(x), args.calls)
-    overhead = wrapped - direct
-    row = (
-        f"| {datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
-        f"{args.tokens} | {direct:.2f} | {wrapped:.2f} | {overhead:.2f} | {plain:.2f} |"
-    )
-    print("direct artifact call: %.2f us, RangeCompiledModule: %.2f us, overhead: %.2f us "
-          "(plain torch.compile: %.2f us)" % (direct, wrapped, overhead, plain))
+    rows = [measure(name, args.calls, args.tokens) for name in MODELS]
+    lines = []
+    for r in rows:
+        base = r["artifact"]
+        compile_cost = r["torch_compile"] - base
+        lines.append(
+            f"| {datetime.date.today()} | {platform.machine()} | torch {torch.__version__} | {r['model']} | "
+            f"{base:.2f} | {r['torch_compile']:.2f} | {r['guards']:.2f} | {r['guard_free']:.2f} | "
+            f"{r['guards'] - r['torch_compile']:+.2f} | {(r['guard_free'] - base) / compile_cost:.2f} |")
+    header = ("| date | cpu | torch | model | artifact us | torch.compile us | guards us | guard-free us | "
+              "guards - torch.compile us | guard-free overhead / torch.compile overhead |")
+    print(header)
+    print("\n".join(lines))
     if args.out:
         with open(args.out, "a") as f:
-            f.write(row + "\n")
+            f.write("\n".join(lines) + "\n")
         print("appended to", args.out)
 
 

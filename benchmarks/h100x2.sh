@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One GPU session on this workplace's H100 x2 machine: the GPU tests, the tune sweep and the
-# benchmark, each logging under $OUT. Run from the repository root on the device machine, with
-# .device-kit and .whl carried (README, development):
+# One GPU session on an H100 x2 (or H200 x2) machine: the GPU tests, the tune sweep and the
+# benchmark, each logging under $OUT (default gpu-results/). Run from the repository root, with
+# prebuilt FlashInfer kernels and wheels where the machine is offline (docs/offline-gpu.md):
 #   bash benchmarks/h100x2.sh tests tune bench        # any subset, in that order
 # Extra Hydra overrides for a step: TUNE_ARGS='tune.repeats=1' BENCH_ARGS="'bench.levels=[op]'".
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-source .device-kit/activate.sh
+# offline machines: RD_WHEELS=dir of wheels to install first, RD_ACTIVATE=script that points
+# FlashInfer at prebuilt kernels (docs/offline-gpu.md)
+if [ -n "${RD_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$RD_WHEELS"/*.whl >/dev/null 2>&1
+fi
+if [ -n "${RD_ACTIVATE:-}" ]; then source "$RD_ACTIVATE"; fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/card.txt"
 for step in "$@"; do

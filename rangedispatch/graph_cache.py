@@ -99,6 +99,9 @@ class RangeGraph:
         self.traced_at = traced_at  # token count of the call that traced it
         self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         self.symbols = _free_symbols(self.fakes)
+        # traced with grad mode on and inputs (parameters) that require grad: AOT compiles a backward
+        self.records_grad = torch.is_grad_enabled() and any(
+            isinstance(f, torch.Tensor) and f.requires_grad for f in self.fakes)
         self.artifacts: dict[Range, Callable] = {}
         self.records: dict[Range, CompileRecord] = {}
 
@@ -136,7 +139,7 @@ class RangeGraph:
                 inputs = list(args)
             else:
                 inputs = self.fakes
-            fn, record = self.cache.compile_graph(self.gm, inputs, r, symbolic=inputs is self.fakes)
+            fn, record = self.cache.compile_graph(self, inputs, r, symbolic=inputs is self.fakes)
             self.records[r] = record
             self.artifacts[r] = fn
             name = f"graph {self.index} " if len(self.cache.graphs) > 1 else ""
@@ -167,14 +170,18 @@ class GraphCache:
         log.debug("traced graph %d (%d nodes, symbolic: %s)", graph.index, len(gm.graph.nodes), graph.is_symbolic)
         return graph
 
-    def compile_graph(
-        self, gm: torch.fx.GraphModule, inputs: list, r: Range, symbolic: bool
-    ) -> tuple[Callable, CompileRecord]:
+    def compile_graph(self, graph: RangeGraph, inputs: list, r: Range, symbolic: bool) -> tuple[Callable, CompileRecord]:
         from torch._dynamo.utils import counters
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
+        gm = graph.gm
         passes = self.policy.passes_for(r)
+        if graph.records_grad and any(p.inference_only for p in passes):
+            log.info("graph %d records gradients (grad mode on, parameters require grad): %s stay(s) off; "
+                     "call the model under torch.no_grad() or torch.inference_mode() to apply them",
+                     graph.index, ", ".join(p.name for p in passes if p.inference_only))
+            passes = [p for p in passes if not p.inference_only]
         pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass)
         gm_copy = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # passes must not touch the shared graph
         hits_before = counters["inductor"]["fxgraph_cache_hit"]

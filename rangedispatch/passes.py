@@ -22,6 +22,9 @@ class GraphPass:
     """Base class of per-range passes. Subclasses set ``name`` and override what they need."""
 
     name: str = "pass"
+    # True: the rewrite has no backward (a custom op without autograd), so graphs that record
+    # gradients keep the original ops
+    inference_only: bool = False
 
     def split_points(self, gm: torch.fx.GraphModule) -> Sequence[int]:
         """Token counts where this pass wants a range to end, read off one traced (pre-grad) graph.

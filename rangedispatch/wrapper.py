@@ -81,17 +81,21 @@ class RangeCompiledModule(nn.Module):
         with compile_lock():
             if self._table is not None:  # another thread traced first
                 return self(*args, **kwargs)
-            x = self._counter.check(args, kwargs)
-            n = self._counter(args, kwargs)
+            self._counter.check(args, kwargs)
+            x, n, all_dims_above_one = self._counter.read(args, kwargs)
             d = self.config.dispatch
             if n < 1 or (n > d.max_num_tokens and d.out_of_range != "compile"):
                 return self._out_of_range(n, args, kwargs)  # nothing is traced from an empty call
             if d.cudagraph_sizes:
                 self._cudagraphs = self._make_cudagraphs(x)
-            out = self._run_guarded(None, x, args, kwargs)  # graphs run as traced: ranges are not final
-            self._finalize_ranges()
+            # r=None: the graphs run as traced, since ranges are not final yet
             if d.skip_dynamo_guards:
                 self._guard_free = _GuardFree()
+            if d.skip_dynamo_guards and all_dims_above_one:
+                out = self._run_and_learn_guard_free(None, x, args, kwargs)
+            else:
+                out = self._run_guarded(None, x, args, kwargs)
+            self._finalize_ranges()
             self._build_call_path()
             r = self._table.lookup(n)
             if r is not None:
@@ -213,7 +217,7 @@ class RangeCompiledModule(nn.Module):
                 torch._dynamo.config.recompile_limit)
         return out
 
-    def _run_and_learn_guard_free(self, r: Range, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    def _run_and_learn_guard_free(self, r: Optional[Range], x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         """The guarded path; the first such call that traces one whole graph for token dims >= 2
         gives the guard-free path its bytecode and the signature calls must match to use it."""
         guard_free = self._guard_free
@@ -324,7 +328,7 @@ class RangeCompiledModule(nn.Module):
                 "compiled": bool(records),
                 "calls": self._calls.get(r, 0),
                 "compile_s": sum(rec.seconds for rec in records),
-                "passes": [p.name for p in self._passes_for(r)],
+                "passes": _applied_passes(records) if records else [p.name for p in self._passes_for(r)],
                 "matches": matches,
                 "cache_hits": sum(rec.cache_hit for rec in records),
                 "extra": r.is_single_size and r.start in self._extra_sizes,
@@ -369,6 +373,11 @@ class _GuardFree:
         if artifact is not None:
             self.bound[r] = self.forward.for_artifact(artifact)
         return out
+
+
+def _applied_passes(records: list) -> list[str]:
+    """The passes the range's compiles applied, in order (graphs that record gradients skip some)."""
+    return list(dict.fromkeys(name for rec in records for name in rec.passes))
 
 
 def _config_passes(cfg: RangeDispatchConfig) -> list[GraphPass]:

@@ -128,6 +128,26 @@ def _refusals(rank, world):
         m(x.clone())
         y, _ = m(x.clone())
         ye, _ = model(x.clone())
+    class Alpha(torch.nn.Module):  # all_reduce(y) + 3 * residual looks like the residual form
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(HIDDEN))
+
+        def forward(self, x, residual):
+            y = x * 2
+            torch.distributed.all_reduce(y)
+            h = torch.add(y, residual, alpha=3)
+            hf = h.float()
+            return self.w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype), h
+
+    model = Alpha()
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+    with torch.no_grad():
+        m(x, r)
+        a, b = m(x, r)
+        ae, be = model(x, r)
+    out["alpha"] = (m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32))
+
     out["backend_unsupported"] = ([str(r) for r in m.ranges], m.stats()[m.range_for(16)]["passes"],
                                   _close(y, ye, False, torch.bfloat16))
     return out
@@ -138,3 +158,63 @@ def test_patterns_that_must_not_match_keep_eager_numerics():
     assert res["backend_unsupported"] == (["[1,8]", "[9,32]", "[33,1024]"], [], True)
     assert res["fp32_weight"] == ({"allreduce_rmsnorm": 0}, True)
     assert res["side_use"] == ({"allreduce_rmsnorm": 0}, True)
+    assert res["alpha"] == ({"allreduce_rmsnorm": 0}, True)
+
+
+def _first_call_one_token(rank, world):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=128, layers=2, norm="llama", dtype=torch.bfloat16)
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=2048"]))
+    threshold = 65536 // (HIDDEN * 2)
+    rows = []
+    for seq in (1, 5, threshold, threshold + 1, 1):
+        x = torch.randn(1, seq, HIDDEN, dtype=torch.bfloat16)  # [batch, seq, hidden], decode first
+        with torch.no_grad():
+            y, r = m(x.clone())
+            ye, re = model(x.clone())
+        rows.append((seq, str(m.range_for(seq)), _close(y, ye, False, torch.bfloat16) and _close(r, re, False, torch.bfloat16)))
+    matches = {str(k): v["matches"].get("allreduce_rmsnorm", 0) for k, v in m.stats().items() if v["compiled"]}
+    return threshold, [str(r) for r in m.ranges], rows, matches
+
+
+def test_first_call_of_one_token_keeps_the_fusion_threshold():
+    for threshold, ranges, rows, matches in spawn_ranks(_first_call_one_token, 2, backend="gloo"):
+        assert ranges[-2:] == [f"[33,{threshold}]", f"[{threshold + 1},2048]"]  # bytes per token = hidden x 2
+        assert all(ok for _, _, ok in rows), rows
+        # 2 sites in each fused graph that ran (the 1-token graph and the general one), none above
+        assert matches[f"[33,{threshold}]"] == 2 and matches[f"[{threshold + 1},2048]"] == 0
+        assert matches["[1,8]"] == 4
+
+
+def _grad_modes(rank, world):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    torch.set_num_threads(1)
+    out = {}
+    for mode in ("grad", "no_grad", "inference_mode"):
+        torch.manual_seed(0)
+        model = TPMLPBlock(hidden=HIDDEN, intermediate=128, layers=2, norm="llama", dtype=torch.float32)
+        m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+        ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+        x = torch.randn(16, HIDDEN)
+        with ctx():
+            m(x.clone())
+            y, r = m(x.clone())
+        with torch.no_grad():
+            ye, re = model(x.clone())
+        st = m.stats()[m.range_for(16)]
+        out[mode] = (st["matches"], st["passes"], _close(y.detach(), ye, False, torch.float32)
+                     and _close(r.detach(), re, False, torch.float32))
+    return out
+
+
+def test_grad_mode_keeps_eager_numerics_and_inference_mode_fuses(caplog):
+    res = spawn_ranks(_grad_modes, 2, backend="gloo")[0]
+    assert res["grad"] == ({}, [], True)  # the fused op has no backward: not applied, said once (INFO)
+    assert res["no_grad"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)
+    assert res["inference_mode"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)

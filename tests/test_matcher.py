@@ -69,3 +69,79 @@ def test_reduction_over_another_dim_is_refused():
 
     matches, skipped = find_matches(_graph(fn, ((8, 64), F32), ((64,), F32)))
     assert not matches and "last dim" in skipped[0]
+
+
+def _llama_tail(n, w):
+    return aten.mul.Tensor(prims.convert_element_type(n, BF16), w)
+
+
+def _norm(h):
+    h32 = prims.convert_element_type(h, F32)
+    return aten.mul.Tensor(h32, aten.rsqrt(aten.add.Tensor(aten.mean.dim(aten.pow.Tensor_Scalar(h32, 2), [-1], True), 1e-5)))
+
+
+def _refusal(fn, *shapes):
+    matches, skipped = find_matches(_graph(fn, *shapes))
+    assert not matches and len(skipped) == 1
+    return skipped[0]
+
+
+ACT, WEIGHT = ((8, 64), BF16), ((64,), BF16)
+
+
+def test_look_alikes_that_change_the_meaning_are_refused():
+    def ar(x, op="sum"):
+        return funcol.wait_tensor(funcol.all_reduce(x, op, "0"))
+
+    def alpha(x, r, w):
+        h = aten.add.Tensor(ar(x), r, alpha=3)
+        return _llama_tail(_norm(h), w), h
+
+    def doubled(x, w):
+        a = ar(x)
+        h = aten.add.Tensor(a, a)
+        return _llama_tail(_norm(h), w), h
+
+    def broadcast(x, r, w):
+        h = aten.add.Tensor(ar(x), r)
+        return _llama_tail(_norm(h), w), h
+
+    def max_reduce(x, w):
+        return _llama_tail(_norm(ar(x, "max")), w)
+
+    def mean_dtype(x, w):
+        h32 = prims.convert_element_type(ar(x), F32)
+        ms = aten.mean.dim(aten.pow.Tensor_Scalar(h32, 2), [-1], True, dtype=torch.float64)
+        return _llama_tail(aten.mul.Tensor(h32, aten.rsqrt(aten.add.Tensor(ms, 1e-5))), w)
+
+    def eps_alpha(x, w):
+        h32 = prims.convert_element_type(ar(x), F32)
+        ms = aten.mean.dim(aten.pow.Tensor_Scalar(h32, 2), [-1], True)
+        return _llama_tail(aten.mul.Tensor(h32, aten.rsqrt(aten.add.Tensor(ms, 1e-5, alpha=2))), w)
+
+    def gemma_alpha(x, w):
+        n = _norm(ar(x))
+        return prims.convert_element_type(aten.mul.Tensor(n, aten.add.Tensor(prims.convert_element_type(w, F32), 1.0, alpha=2)), BF16)
+
+    def keepdim_off(x, w):
+        h32 = prims.convert_element_type(ar(x), F32)
+        ms = aten.mean.dim(aten.pow.Tensor_Scalar(h32, 2), [-1], False)
+        return aten.mul.Tensor(h32, aten.rsqrt(aten.add.Tensor(ms, 1e-5)).unsqueeze(-1))
+
+    assert "alpha=3" in _refusal(alpha, ACT, ACT, WEIGHT)
+    assert "added to itself" in _refusal(doubled, ACT, WEIGHT)
+    assert "broadcast" in _refusal(broadcast, ACT, ((1, 64), BF16), WEIGHT)
+    assert "reduce op 'max'" in _refusal(max_reduce, ACT, WEIGHT)
+    assert "computed in torch.float64" in _refusal(mean_dtype, ACT, WEIGHT)
+    assert "alpha=2" in _refusal(eps_alpha, ACT, WEIGHT)
+    assert "alpha=2" in _refusal(gemma_alpha, ACT, WEIGHT)
+    assert "keepdim" in _refusal(keepdim_off, ACT, WEIGHT)
+
+
+def test_the_llama_form_still_matches():
+    def llama(x, r, w):
+        h = aten.add.Tensor(funcol.wait_tensor(funcol.all_reduce(x, "sum", "0")), r)
+        return _llama_tail(_norm(h), w), h
+
+    (m,), skipped = find_matches(_graph(llama, ACT, ACT, WEIGHT))
+    assert not skipped and m.weight_mode == "llama" and m.residual is not None

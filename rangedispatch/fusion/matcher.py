@@ -1,12 +1,21 @@
 """Finding ``all_reduce -> (+ residual) -> RMSNorm (-> static FP8 quant)`` in a post-grad graph.
 
 Inductor's post-grad graph is small and regular at this point (functional collectives, decomposed
-norms: see tests/test_fusion_patterns.py for each form), so the matcher walks it semantically from
+norms: tests/test_fusion_distributed.py runs each form, tests/test_matcher.py the look-alikes), so the matcher walks it semantically from
 every ``wait_tensor(all_reduce(x, "sum", group))`` instead of tracing one pattern per form, dtype
 and eps. It accepts operands in either order, any eps, 2-D or 3-D activations, and it refuses
-(with a reason) whatever the fused op would compute differently: a norm weight whose dtype differs
-from the activations, intermediates used elsewhere, a reduction other than the last dim, clamp
-bounds other than FP8's range.
+(with a reason) whatever the fused op would compute differently. Every node it accepts is checked
+for the arguments that change its meaning:
+
+- all_reduce: reduce op ``sum`` only;
+- residual add: ``alpha`` 1, a residual other than the all-reduced value itself, the same shape
+  (no broadcast) and dtype;
+- mean of the square: the last dim only, ``keepdim``, no ``dtype=`` override; square = ``pow 2``
+  or ``x * x``; eps: a constant added with ``alpha`` 1; rsqrt scaling the same fp32 value;
+- weight: a 1-D vector of the hidden size in the activation dtype (Gemma's ``1 + w`` with ``alpha``
+  1); the output cast back to the activation dtype;
+- FP8 quant: a 1-element fp32 scale, clamp bounds exactly FP8's range, then the cast;
+- no intermediate used elsewhere. The post-grad graph is functional: in-place variants never match.
 """
 
 from __future__ import annotations
@@ -61,6 +70,10 @@ def _other(node: torch.fx.Node, operand: torch.fx.Node) -> Any:
     return b if a is operand else a if b is operand else None
 
 
+def _alpha(node: torch.fx.Node) -> Any:
+    return node.kwargs.get("alpha", 1)
+
+
 def _is_convert(node: Any, dtype: torch.dtype) -> bool:
     return _is(node, prims.convert_element_type.default) and node.args[1] == dtype
 
@@ -94,11 +107,19 @@ def _match_site(wait: torch.fx.Node) -> Any:
     residual, pre_norm, dead = None, wait, [ar, wait]
     adds = [u for u in wait.users if _is(u, aten.add.Tensor)]
     if len(wait.users) == 1 and len(adds) == 1:
-        cand = _other(adds[0], wait)
+        add = adds[0]
+        if _alpha(add) != 1:
+            return f"the residual add has alpha={_alpha(add)}"
+        cand = _other(add, wait)
+        if cand is wait:
+            return "the all-reduced value is added to itself"
         cv = _val(cand)
         if isinstance(cv, torch.Tensor) and cv.dtype == dtype and cv.shape == xv.shape:
-            residual, pre_norm = cand, adds[0]
+            residual, pre_norm = cand, add
             dead.append(pre_norm)
+        elif isinstance(cv, torch.Tensor):
+            return (f"the residual {tuple(cv.shape)} {cv.dtype} is not the all-reduced value's shape and dtype "
+                    f"{tuple(xv.shape)} {dtype} (broadcast or mixed-dtype add)")
     norm = _match_norm(pre_norm, dtype)
     if isinstance(norm, str):
         return norm
@@ -132,11 +153,15 @@ def _match_norm(h: torch.fx.Node, dtype: torch.dtype) -> Any:
         len(mean.args) > 2 and mean.args[2] or mean.kwargs.get("keepdim")
     ):
         return "the square is not averaged over the last dim with keepdim"
+    if mean.kwargs.get("dtype") not in (None, torch.float32):
+        return f"the mean square is computed in {mean.kwargs['dtype']}"
     add_eps = _only_user(mean)
     if not _is(add_eps, aten.add.Tensor, aten.add.Scalar) or add_eps.args[0] is not mean or not isinstance(
         add_eps.args[1], (int, float)
-    ):
+    ) or isinstance(add_eps.args[1], bool):
         return "no constant eps added to the mean square"
+    if _alpha(add_eps) != 1:
+        return f"eps is added with alpha={_alpha(add_eps)}"
     rsqrt = _only_user(add_eps)
     if not _is(rsqrt, aten.rsqrt.default):
         return "no rsqrt of the mean square"
@@ -174,7 +199,8 @@ def _match_weight(normed: torch.fx.Node, dtype: torch.dtype) -> Any:
             w = _other(user, normed)
             if _is_hidden_vector(w):
                 return [user], w, "standard", user
-            if _is(w, aten.add.Tensor) and w.args[1] == 1.0 and _is_hidden_vector(w.args[0]) and len(w.users) == 1:
+            if (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and _alpha(w) == 1 and _is_hidden_vector(w.args[0])
+                    and len(w.users) == 1):
                 return [w, user], w.args[0], "gemma", user
         return [], None, "none", normed
     if _is_convert(user, dtype):  # llama: cast, then scale in the input dtype
@@ -186,10 +212,12 @@ def _match_weight(normed: torch.fx.Node, dtype: torch.dtype) -> Any:
         w = _other(user, normed)
         if _is_hidden_vector(w) and _val(w).dtype == dtype:
             weight, mode, nodes = w, "standard", [user]
-        elif (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and len(w.users) == 1
+        elif (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and _alpha(w) == 1 and len(w.users) == 1
                 and _is_convert(w.args[0], torch.float32) and len(w.args[0].users) == 1
                 and _is_hidden_vector(w.args[0].args[0]) and _val(w.args[0].args[0]).dtype == dtype):
             weight, mode, nodes = w.args[0].args[0], "gemma", [w.args[0], w, user]
+        elif _is(w, aten.add.Tensor) and _alpha(w) != 1:
+            return f"the norm weight offset is added with alpha={_alpha(w)}"
         elif _is_hidden_vector(w) or (_is(w, aten.add.Tensor) and _is_hidden_vector(w.args[0])):
             return f"norm weight dtype differs from activation dtype {dtype} (fusing would change numerics)"
         else:

@@ -1,6 +1,6 @@
 """GPU tests: 2 CUDA GPUs, NCCL, FlashInfer. Skipped elsewhere, with the reason.
 
-    source .device-kit/activate.sh && python -m pytest -q tests/gpu     # on the GPU host
+    python -m pytest -q tests/gpu     # on a host with 2 GPUs (offline: docs/offline-gpu.md)
 """
 
 import pytest
@@ -11,7 +11,7 @@ from rangedispatch.launch import spawn_ranks
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                       reason="needs 2 CUDA GPUs (run on the GPU host: see README, development)"),
+                       reason="needs 2 CUDA GPUs"),
 ]
 
 HIDDEN = 2048

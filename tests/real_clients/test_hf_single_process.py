@@ -1,0 +1,37 @@
+"""Hugging Face models as people call them, in one process: ids [1, seq], the first call at 1 token,
+``attention_mask`` present on some calls and not on others, fp32 and bf16. Every call must equal
+eager, count batch x seq tokens, and stay within a few graphs (one per Dynamo code path)."""
+
+import pytest
+import torch
+
+from hf_models import FAMILIES, build, inputs
+from rangedispatch import RangeCompiledModule, load_config
+
+pytest.importorskip("transformers")
+
+SEQS = (1, 5, 33, 300)
+CI = {("llama", "float32"), ("qwen2", "float32"), ("gemma2", "float32"), ("phi3", "float32"), ("llama", "bfloat16")}
+CASES = [pytest.param(f, d, marks=() if (f, d) in CI else pytest.mark.slow)
+         for f in FAMILIES for d in ("float32", "bfloat16")]
+
+
+@pytest.mark.parametrize("family,dtype_name", CASES)
+def test_hf_model_any_first_call_with_and_without_mask(family, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    model = build(family, dtype)
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=512",
+                                                "dispatch.split_points=[8]"]))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    with torch.no_grad():
+        for seq in SEQS:
+            for mask in (False, True):
+                kwargs = inputs(1, seq, mask)
+                got = m(**kwargs).last_hidden_state
+                torch.testing.assert_close(got, model(**kwargs).last_hidden_state, **tol)
+        kwargs = inputs(3, 11, True)  # batch 3: 33 tokens
+        torch.testing.assert_close(m(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state, **tol)
+    calls = {str(r): s["calls"] for r, s in m.stats().items()}
+    assert calls == {"[1,8]": 4, "[9,512]": 5}
+    # graphs: (batch 1, seq 1) and (batch 1, any seq), each with and without a mask, and any batch
+    assert len(m.graphs) <= 6 and sum(g.is_symbolic for g in m.graphs) >= 3
