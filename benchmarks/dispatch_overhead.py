@@ -1,6 +1,6 @@
 """Per-call overhead of RangeCompiledModule, both dispatch modes, against torch.compile.
 
-    python benchmarks/dispatch_overhead.py [--calls 20000] [--out benchmarks/results/dispatch_overhead.md]
+    python benchmarks/dispatch_overhead.py [--calls 2000] [--out benchmarks/results/dispatch_overhead.md]
 
 Small modules on a [16, 64] input keep the compute small, so the differences are what each path
 costs per call. "artifact" calls the range's compiled Inductor graph directly with the inputs
@@ -40,16 +40,20 @@ MODELS = {
 }
 
 
-def _median_us(fn, calls: int, repeats: int = 7) -> float:
-    for _ in range(calls // 10):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def _interleaved_medians_us(fns: dict, calls: int, rounds: int = 15) -> dict:
+    """Median us per call of each function, timed in interleaved rounds so that the machine's
+    drift (other load, frequency) hits every variant alike."""
+    for fn in fns.values():
+        for _ in range(calls // 10):
             fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
+    samples: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def _artifact_call(m: RangeCompiledModule, x: torch.Tensor):
@@ -71,25 +75,25 @@ def measure(name: str, calls: int, tokens: int) -> dict:
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(tokens, HIDDEN)
-    row = {"model": name}
+    fns = {}
     with torch.no_grad():
         for mode, guard_free in (("guards", False), ("guard_free", True)):
             m = RangeCompiledModule(model, load_config(["hardware=cpu", "fusion.enabled=false",
                                                         f"dispatch.skip_dynamo_guards={guard_free}"]))
             m(x)
             m(x)  # compiles the range; the guard-free path binds it
-            row[mode] = _median_us(lambda: m(x), calls)
+            fns[mode] = (lambda m: lambda: m(x))(m)
             if not guard_free:
-                row["artifact"] = _median_us(_artifact_call(m, x), calls)
+                fns["artifact"] = _artifact_call(m, x)
         plain = torch.compile(model, dynamic=True)
         plain(x)
-        row["torch_compile"] = _median_us(lambda: plain(x), calls)
-    return row
+        fns["torch_compile"] = lambda: plain(x)
+        return {"model": name, **_interleaved_medians_us(fns, calls)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--out", default=None, help="append the result rows to this markdown file")
     args = ap.parse_args()

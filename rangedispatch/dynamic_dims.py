@@ -5,7 +5,7 @@ of size 1 meets a graph traced with a larger one). Each of those traces must mak
 symbolic again, or it would produce a graph static in the token count and every later size would
 trace once more until Dynamo's recompile limit. So the token dims are not marked once, on the first
 call: a Dynamo compile-start callback marks them on the inputs of whichever wrapper call is in
-progress on this thread, whenever Dynamo starts compiling for it.
+progress on this thread (found on the stack), whenever Dynamo starts compiling for it.
 
 Marking rules:
 - the token input's token dims of size >= 2 (Dynamo specializes sizes 0 and 1 anyway: a call with a
@@ -19,6 +19,7 @@ Marking rules:
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any, Optional, Sequence
 
@@ -26,18 +27,28 @@ import torch
 from torch.utils import _pytree as pytree
 
 
-class PendingCall(threading.local):
-    """Per thread: the inputs of the wrapper call in progress, and its token dims."""
-
-    inputs: Optional[tuple] = None  # (args, kwargs)
-    token_input: Any = None
-    token_dims: Sequence[int] = ()
-
-
-pending = PendingCall()
+_calls: set = set()  # code objects of the functions that make guarded wrapper calls
 _installed = False
 _install_lock = threading.Lock()
 _saved_duck_shape: list = []
+
+
+def register_call_site(fn: Any) -> None:
+    """``fn(r, x, args, kwargs)`` calls Dynamo for ``wrapper`` (a local of its frame); a compile it
+    starts finds the call's inputs in that frame, so the per-call path stores nothing for the rare
+    compile."""
+    _calls.add(fn.__code__)
+
+
+def call_in_progress() -> Optional[tuple]:
+    """``(x, dims, args, kwargs)`` of the innermost guarded wrapper call on this thread's stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in _calls:
+            f = frame.f_locals
+            return f["x"], f["wrapper"]._counter.dims, f["args"], f["kwargs"]
+        frame = frame.f_back
+    return None
 
 
 def mark_token_dims(x: torch.Tensor, dims: Sequence[int], args: tuple, kwargs: dict) -> None:
@@ -58,10 +69,11 @@ def mark_token_dims(x: torch.Tensor, dims: Sequence[int], args: tuple, kwargs: d
 def _on_compile_start(_: Any) -> None:
     import torch.fx.experimental._config as fx_config
 
-    if pending.inputs is None:
+    call = call_in_progress()
+    if call is None:
         return  # a compile that is not one of ours
-    args, kwargs = pending.inputs
-    mark_token_dims(pending.token_input, pending.token_dims, args, kwargs)
+    x, dims, args, kwargs = call
+    mark_token_dims(x, dims, args, kwargs)
     _saved_duck_shape.append(fx_config.use_duck_shape)
     fx_config.use_duck_shape = False
 

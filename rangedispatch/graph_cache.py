@@ -81,8 +81,9 @@ def _concrete(v: Any, bindings: dict) -> Any:
     return v
 
 
-class CallState(threading.local):
-    """Per thread: what the wrapper's forward call in progress tells the graphs it runs."""
+class CallState:
+    """What the wrapper's call in progress tells the graphs it runs. Calls that reach the graphs
+    through Dynamo hold the process-wide compile lock: one at a time, so no thread-local is needed."""
 
     range: Optional[Range] = None  # the call's range; None: the tracing call (graphs run as traced)
     graph_runs: int = 0  # RangeGraph calls so far: unchanged by a call means Dynamo ran it eagerly

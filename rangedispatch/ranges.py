@@ -7,22 +7,26 @@ single-size ranges and a bisect over range ends otherwise; never a linear scan.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 
-@dataclass(frozen=True, order=True)
-class Range:
-    """Token counts ``start..end``, both included."""
-
+class _RangeBounds(NamedTuple):
     start: int
     end: int
 
-    def __post_init__(self) -> None:
-        if not (isinstance(self.start, int) and isinstance(self.end, int)):
-            raise TypeError(f"Range bounds must be int, got {self.start!r}, {self.end!r}")
-        if not 1 <= self.start <= self.end:
-            raise ValueError(f"Range needs 1 <= start <= end, got [{self.start},{self.end}]")
+
+class Range(_RangeBounds):
+    """Token counts ``start..end``, both included. A tuple underneath: ranges key the per-call
+    dicts (artifacts, call counts), and a tuple hashes in C."""
+
+    __slots__ = ()
+
+    def __new__(cls, start: int, end: int) -> "Range":
+        if not (isinstance(start, int) and isinstance(end, int)):
+            raise TypeError(f"Range bounds must be int, got {start!r}, {end!r}")
+        if not 1 <= start <= end:
+            raise ValueError(f"Range needs 1 <= start <= end, got [{start},{end}]")
+        return super().__new__(cls, start, end)
 
     def __contains__(self, n: object) -> bool:
         return isinstance(n, int) and self.start <= n <= self.end

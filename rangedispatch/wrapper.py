@@ -57,6 +57,7 @@ class RangeCompiledModule(nn.Module):
         policy = CompilePolicy(passes_for=self._passes_for, max_autotune_for=self._max_autotune_for)
         self._graphs = GraphCache(policy, on_new_graph=self._on_new_graph, tokens_now=self._pending_tokens)
         self._state = self._graphs.state
+        self._lock = compile_lock()
         self._cudagraphs: Optional[CudaGraphRunner] = None
         self._guard_free: Optional[_GuardFree] = None
         self._call: Optional[Callable] = None  # the per-call path, built once the model is traced
@@ -82,6 +83,7 @@ class RangeCompiledModule(nn.Module):
             if self._table is not None:  # another thread traced first
                 return self(*args, **kwargs)
             self._counter.check(args, kwargs)
+            self._run_guarded = self._guarded_runner()
             x, n, all_dims_above_one = self._counter.read(args, kwargs)
             d = self.config.dispatch
             if n < 1 or (n > d.max_num_tokens and d.out_of_range != "compile"):
@@ -117,8 +119,8 @@ class RangeCompiledModule(nn.Module):
 
     def _pending_tokens(self) -> Optional[int]:
         """Token count of the call Dynamo is tracing on this thread (for the graph's record)."""
-        inputs = dynamic_dims.pending.inputs
-        return self._counter(*inputs) if inputs is not None else None
+        call = dynamic_dims.call_in_progress()
+        return self._counter(call[2], call[3]) if call is not None else None
 
     # ------------------------------------------------------------------ 3. finalize ranges
     def _finalize_ranges(self) -> None:
@@ -196,26 +198,36 @@ class RangeCompiledModule(nn.Module):
 
         self._call = call
 
-    def _run_guarded(self, r: Optional[Range], x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        """Through Dynamo's guards into range ``r``'s graphs (``None``: the tracing call, whose graphs
-        run as traced). Any Dynamo compile this call starts marks its token dims dynamic."""
-        state, pending = self._state, dynamic_dims.pending
-        state.range = r
-        pending.inputs, pending.token_input, pending.token_dims = (args, kwargs), x, self._counter.dims
-        runs = state.graph_runs
-        try:
-            with compile_lock():  # Dynamo refuses to run while another thread traces (FX's flag is global)
-                out = self._compiled(self._model, *args, **kwargs)
-        finally:
-            state.range = None
-            pending.inputs = pending.token_input = None
-        if state.graph_runs == runs:
-            self._warn_once(
-                "eager", "a call of %d tokens (range %s) ran eagerly: Dynamo ran no compiled graph for it "
-                "(torch._dynamo.config.recompile_limit=%d reached for this wrapper, or the frame was skipped); "
-                "TORCH_LOGS=recompiles shows which guard failed", self._counter(args, kwargs), r,
-                torch._dynamo.config.recompile_limit)
-        return out
+    def _guarded_runner(self) -> Callable[[Optional[Range], torch.Tensor, tuple, dict], Any]:
+        """``run(r, x, args, kwargs)``: through Dynamo's guards into range ``r``'s graphs (``None``:
+        the tracing call, whose graphs run as traced). It holds the process-wide compile lock
+        (Dynamo refuses to run while another thread traces: FX's tracing flag is global), which
+        also makes the call state one per process. Any Dynamo compile the call starts finds
+        ``x``, ``args``, ``kwargs`` and ``wrapper`` in this frame and marks the token dims dynamic.
+        A closure: it runs on every guarded call."""
+        state, lock, compiled, model, wrapper = self._state, self._lock, self._compiled, self._model, self
+
+        def run(r: Optional[Range], x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+            with lock:
+                state.range = r
+                runs = state.graph_runs
+                try:
+                    out = compiled(model, *args, **kwargs)
+                finally:
+                    state.range = None
+                if state.graph_runs == runs:
+                    wrapper._said_eager(r, args, kwargs)
+            return out
+
+        dynamic_dims.register_call_site(run)
+        return run
+
+    def _said_eager(self, r: Optional[Range], args: tuple, kwargs: dict) -> None:
+        self._warn_once(
+            "eager", "a call of %d tokens (range %s) ran eagerly: Dynamo ran no compiled graph for it "
+            "(torch._dynamo.config.recompile_limit=%d reached for this wrapper, or the frame was skipped); "
+            "TORCH_LOGS=recompiles shows which guard failed", self._counter(args, kwargs), r,
+            torch._dynamo.config.recompile_limit)
 
     def _run_and_learn_guard_free(self, r: Optional[Range], x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
         """The guarded path; the first such call that traces one whole graph for token dims >= 2
@@ -352,6 +364,7 @@ class _GuardFree:
         self.forward: Optional[guardless.GuardlessForward] = None
         self.graph: Any = None
         self.state: Any = None
+        self.lock = compile_lock()
         self.bound: dict[Range, Callable] = {}  # range -> bytecode calling its artifact directly
 
     def learn(self, forward: guardless.GuardlessForward, graph: Any, signature: guardless.CallSignature,
@@ -364,11 +377,12 @@ class _GuardFree:
         if f is not None:
             return f(model, *args, **kwargs)
         state = self.state
-        state.range = r
-        try:  # compiles r through the graph's own dispatch, then binds its artifact
-            out = self.forward.generic(model, *args, **kwargs)
-        finally:
-            state.range = None
+        with self.lock:
+            state.range = r
+            try:  # compiles r through the graph's own dispatch, then binds its artifact
+                out = self.forward.generic(model, *args, **kwargs)
+            finally:
+                state.range = None
         artifact = self.graph.artifacts.get(r)
         if artifact is not None:
             self.bound[r] = self.forward.for_artifact(artifact)

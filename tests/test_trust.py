@@ -12,6 +12,7 @@ from torch import nn
 from helpers import Mlp
 from rangedispatch import Range, RangeCompiledModule, load_config
 from rangedispatch.cudagraphs import CapturedInputs
+from rangedispatch.passes import GraphPass
 
 BASE = ["hardware=cpu", "fusion.enabled=false", "dispatch.max_num_tokens=64", "dispatch.split_points=[8,32]",
         "compile.max_autotune=never"]
@@ -106,7 +107,7 @@ def test_conv_net_with_the_batch_as_token_dim():
         same(m, model, torch.randn(n, 3, 8, 8))
 
 
-class FailingPass:
+class FailingPass(GraphPass):
     name = "fails"
 
     def split_points(self, gm):
