@@ -24,6 +24,8 @@ import torch
 import torch.fx
 
 from rangedispatch import match_record
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
 from rangedispatch.passes import GraphPass, RangePassPipeline
 from rangedispatch.ranges import Range
 
@@ -79,6 +81,48 @@ def _concrete(v: Any, bindings: dict) -> Any:
         out = torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device)
         return out.normal_() if out.is_floating_point() else out.zero_()
     return v
+
+
+POST_GRAD_GRAPH = "rangedispatch_post_grad_graph"  # gm.meta key: the post-grad graph, where it differs
+
+
+def _holds_dtensors(gm: torch.fx.GraphModule) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(n.meta.get("example_value"), DTensor) for n in gm.graph.nodes)
+
+
+def _compile_fx(gm: torch.fx.GraphModule, inputs: list, symbolic: bool) -> Callable:
+    """Inductor on a fresh copy of ``gm`` (passes must not touch the shared graph); from the
+    symbolic fake placeholders, under their shape environment, when ``symbolic``."""
+    from torch._inductor.compile_fx import compile_fx
+
+    gm_copy = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    if not symbolic:
+        return compile_fx(gm_copy, inputs)
+    fake_mode = torch._guards.detect_fake_mode(inputs)
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        return compile_fx(gm_copy, inputs)
+
+
+class _PostGradCaptured(Exception):
+    pass
+
+
+class _CapturePostGrad(CustomGraphPass):
+    """A post-grad custom pass that keeps the graph and stops the compile."""
+
+    def __init__(self) -> None:
+        self.graph: Optional[torch.fx.Graph] = None
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.graph = graph
+        raise _PostGradCaptured()
+
+    def uuid(self) -> Optional[Any]:
+        return None
 
 
 class CallState:
@@ -164,9 +208,16 @@ class GraphCache:
         self.state = CallState()
 
     def backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        """The ``torch.compile`` backend: keep the graph, compile nothing yet."""
-        self.on_new_graph(gm)
+        """The ``torch.compile`` backend: keep the graph, compile nothing yet. A graph of DTensor
+        ops has no collectives yet (DTensor emits them during AOT dispatch): its post-grad graph,
+        from a compile stopped right after the post-grad passes, is where the passes find them."""
         graph = RangeGraph(self, len(self.graphs), gm, self.tokens_now())
+        if _holds_dtensors(gm):
+            start = time.perf_counter()
+            gm.meta[POST_GRAD_GRAPH] = self.post_grad_graph(graph)
+            log.info("graph %d holds DTensors: collectives read off its post-grad graph (%.1f s)", graph.index,
+                     time.perf_counter() - start)
+        self.on_new_graph(gm)
         self.graphs.append(graph)
         log.debug("traced graph %d (%d nodes, symbolic: %s)", graph.index, len(gm.graph.nodes), graph.is_symbolic)
         return graph
@@ -174,9 +225,7 @@ class GraphCache:
     def compile_graph(self, graph: RangeGraph, inputs: list, r: Range, symbolic: bool) -> tuple[Callable, CompileRecord]:
         from torch._dynamo.utils import counters
         from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
 
-        gm = graph.gm
         passes = self.policy.passes_for(r)
         if graph.records_grad and any(p.inference_only for p in passes):
             log.info("graph %d records gradients (grad mode on, parameters require grad): %s stay(s) off; "
@@ -184,23 +233,35 @@ class GraphCache:
                      graph.index, ", ".join(p.name for p in passes if p.inference_only))
             passes = [p for p in passes if not p.inference_only]
         pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass)
-        gm_copy = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # passes must not touch the shared graph
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
         start = time.perf_counter()
         patch = {"post_grad_custom_post_pass": pipeline}
         if self.policy.max_autotune_for(r):
             patch["max_autotune"] = True
         with inductor_config.patch(patch), match_record.inductor_cache_keys() as cache_keys:
-            if symbolic:
-                fake_mode = torch._guards.detect_fake_mode(inputs)
-                with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
-                    fn = compile_fx(gm_copy, inputs)
-            else:
-                fn = compile_fx(gm_copy, inputs)
+            fn = _compile_fx(graph.gm, inputs, symbolic)
         seconds = time.perf_counter() - start
         cache_hit = counters["inductor"]["fxgraph_cache_hit"] > hits_before
         matches = self._matches(pipeline, cache_keys[-1] if cache_keys else None)
         return fn, CompileRecord(seconds, [p.name for p in passes], matches, cache_hit)
+
+    @staticmethod
+    def post_grad_graph(graph: RangeGraph) -> Optional[torch.fx.Graph]:
+        """The graph Inductor's post-grad passes leave for ``graph`` (caches off, compile stopped
+        there): what every range's passes will see, before any range is compiled."""
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+
+        capture = _CapturePostGrad()
+        try:
+            with inductor_config.patch(post_grad_custom_post_pass=capture, fx_graph_cache=False), \
+                    functorch_config.patch(enable_autograd_cache=False):
+                _compile_fx(graph.gm, graph.fakes, symbolic=True)
+        except Exception as e:  # the capture stops the compile with an exception (Inductor may wrap it)
+            if capture.graph is None:
+                log.info("graph %d: no post-grad graph to read collectives from (%s: %s)", graph.index,
+                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return capture.graph
 
     @staticmethod
     def _matches(pipeline: RangePassPipeline, cache_key: Optional[str]) -> dict[str, int]:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from rangedispatch import dynamic_dims, guardless
+from rangedispatch import dynamic_dims, guardless, hosts
 from rangedispatch.config import RangeDispatchConfig, load_config, to_schema
 from rangedispatch.cudagraphs import CudaGraphRunner, resize_tokens
 from rangedispatch.errors import ConfigError, NotTracedError, OutOfRangeError
@@ -83,6 +83,7 @@ class RangeCompiledModule(nn.Module):
             if self._table is not None:  # another thread traced first
                 return self(*args, **kwargs)
             self._counter.check(args, kwargs)
+            hosts.exchange()  # a collective, once per process: every rank makes its first call
             self._run_guarded = self._guarded_runner()
             x, n, all_dims_above_one = self._counter.read(args, kwargs)
             d = self.config.dispatch

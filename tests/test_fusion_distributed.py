@@ -119,15 +119,6 @@ def _refusals(rank, world):
         ae, be = model(x, r)
     out["side_use"] = (m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32))
 
-    # a backend that cannot take the site (flashinfer on CPU tensors): not fused, no split point
-    model = TPMLPBlock(hidden=HIDDEN, intermediate=128, norm="llama", dtype=torch.bfloat16)
-    m = RangeCompiledModule(model, load_config(["hardware=cpu", "fusion.backend=flashinfer",
-                                                "dispatch.max_num_tokens=1024"]))
-    x = torch.randn(16, HIDDEN, dtype=torch.bfloat16)
-    with torch.no_grad():
-        m(x.clone())
-        y, _ = m(x.clone())
-        ye, _ = model(x.clone())
     class Alpha(torch.nn.Module):  # all_reduce(y) + 3 * residual looks like the residual form
         def __init__(self):
             super().__init__()
@@ -148,6 +139,15 @@ def _refusals(rank, world):
         ae, be = model(x, r)
     out["alpha"] = (m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32))
 
+    # a backend that cannot take the site (flashinfer on CPU tensors): not fused, no split point
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=128, norm="llama", dtype=torch.bfloat16)
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "fusion.backend=flashinfer",
+                                                "dispatch.max_num_tokens=1024"]))
+    x = torch.randn(16, HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        m(x.clone())
+        y, _ = m(x.clone())
+        ye, _ = model(x.clone())
     out["backend_unsupported"] = ([str(r) for r in m.ranges], m.stats()[m.range_for(16)]["passes"],
                                   _close(y, ye, False, torch.bfloat16))
     return out
@@ -218,3 +218,38 @@ def test_grad_mode_keeps_eager_numerics_and_inference_mode_fuses(caplog):
     assert res["grad"] == ({}, [], True)  # the fused op has no backward: not applied, said once (INFO)
     assert res["no_grad"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)
     assert res["inference_mode"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)
+
+
+def _two_hosts(rank, world):
+    import logging
+    import socket
+
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.models import TPMLPBlock
+
+    socket.gethostname = lambda: f"host-{rank}"  # each rank on a host of its own
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("rangedispatch").addHandler(handler)
+    logging.getLogger("rangedispatch").setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=128, layers=2, norm="llama", dtype=torch.float32)
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+    ok = []
+    for n in (4, 16, 100):
+        x = torch.randn(n, HIDDEN)
+        with torch.no_grad():
+            y, _ = m(x.clone())
+            ye, _ = model(x.clone())
+        ok.append(_close(y, ye, False, torch.float32))
+    matches = {str(k): v["matches"] for k, v in m.stats().items() if v["compiled"]}
+    return [str(r) for r in m.ranges], matches, ok, [r for r in records if "spans 2 hosts" in r]
+
+
+def test_a_group_spanning_hosts_keeps_nccl_at_every_size():
+    ranges, matches, ok, said = spawn_ranks(_two_hosts, 2, backend="gloo")[0]
+    assert ranges == ["[1,8]", "[9,32]", "[33,1024]"] and all(ok)  # no fusion split point
+    assert all(not v.get("allreduce_rmsnorm") for v in matches.values())
+    assert len(said) == 1 and "NCCL at every size" in said[0]

@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 
 from rangedispatch.config.checks import check_choice, check_int, check_int_list, check_str, fail
 
-LEVELS = ("op", "model")
+LEVELS = ("op", "model", "hf")
 
 
 @dataclass
 class BenchConfig:
     SECTION = "bench"
 
-    # Which sweeps to run: "op" (all-reduce + residual + RMSNorm per kernel tier) and/or "model"
-    # (a TP block through each compile variant).
+    # Which sweeps to run: "op" (all-reduce + residual + RMSNorm per kernel tier), "model" (a TP
+    # block through each compile variant), "hf" (a HF Llama-shaped decoder under TP; needs transformers).
     levels: list[str] = field(default_factory=lambda: ["op", "model"])
     # Ranks to spawn when not started by torchrun (one GPU each). Integer >= 2.
     world_size: int = 2
@@ -28,6 +28,11 @@ class BenchConfig:
     # Model level: layers of the block, and token counts (the largest sets dispatch.max_num_tokens).
     model_layers: int = 2
     model_tokens: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384])
+    # HF level: [hidden, intermediate] pairs of a Llama-shaped decoder (heads of 128, 8 KV heads),
+    # the tensor-parallel styles (handwritten, dtensor, dtensor_output) and token counts (batch 1).
+    hf_shapes: list[list[int]] = field(default_factory=lambda: [[4096, 14336], [8192, 28672]])
+    hf_tp: list[str] = field(default_factory=lambda: ["handwritten", "dtensor"])
+    hf_tokens: list[int] = field(default_factory=lambda: [1, 32, 128, 512, 2048, 8192])
     # Timing: calls captured per CUDA graph, and graph replays (the median is reported).
     calls_per_graph: int = 10
     replays: int = 20
@@ -50,6 +55,13 @@ class BenchConfig:
                 raise fail(f"{k}.model_shapes", self.model_shapes, "a list of [hidden, intermediate] pairs")
             check_int_list(f"{k}.model_shapes", shape, lo=1)
         check_int(f"{k}.model_layers", self.model_layers, lo=1)
+        for shape in self.hf_shapes:
+            if not (isinstance(shape, list) and len(shape) == 2):
+                raise fail(f"{k}.hf_shapes", self.hf_shapes, "a list of [hidden, intermediate] pairs")
+            check_int_list(f"{k}.hf_shapes", shape, lo=1)
+        for style in self.hf_tp:
+            check_choice(f"{k}.hf_tp", style, ("handwritten", "dtensor", "dtensor_output"))
+        self.hf_tokens = check_int_list(f"{k}.hf_tokens", self.hf_tokens, lo=1)
         self.model_tokens = check_int_list(f"{k}.model_tokens", self.model_tokens, lo=1)
         check_int(f"{k}.calls_per_graph", self.calls_per_graph, lo=1)
         check_int(f"{k}.replays", self.replays, lo=1)

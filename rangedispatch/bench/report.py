@@ -7,7 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
-BASELINES = {"op": "nccl_compiled_norm", "model": "torch_compile"}
+BASELINES = {"op": "nccl_compiled_norm", "model": "torch_compile", "hf_handwritten": "torch_compile",
+             "hf_dtensor": "torch_compile", "hf_dtensor_output": "torch_compile"}
 STATIC = ("fusion_off", "fusion_everywhere")
 
 
@@ -29,7 +30,8 @@ def annotate(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    fields = ["level", "hidden", "fp8", "tokens", "variant", "us", "speedup", "vs_best_static", "range", "method"]
+    fields = ["level", "hidden", "fp8", "tokens", "variant", "us", "speedup", "vs_best_static", "range", "matches",
+              "rel_err", "method"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -55,7 +57,7 @@ def table(rows: Iterable[dict]) -> str:
     out = []
     for (level, hidden, fp8), by_tokens in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         variants = list(dict.fromkeys(v for vs in by_tokens.values() for v in vs))
-        extra = ["range", "vs best static"] if level == "model" else []
+        extra = ["range", "vs best static"] if level == "model" else ["range", "matches", "rel err"] if level.startswith("hf") else []
         out.append(f"\n### {level} level, hidden {hidden}, bf16{', FP8 quant' if fp8 else ''} (us per call; x = speedup vs {BASELINES[level]})\n")
         out.append("| tokens | " + " | ".join(variants + extra) + " |")
         out.append("|" + "---|" * (len(variants) + len(extra) + 1))
@@ -66,7 +68,8 @@ def table(rows: Iterable[dict]) -> str:
                 cells.append(f"{r['us']:.1f} ({r['speedup']:.2f}x)" if r and r.get("speedup") else (f"{r['us']:.1f}" if r else "n/a"))
             if extra:
                 rd = by_tokens[n].get("range_dispatch", {})
-                cells += [rd.get("range", ""), str(rd.get("vs_best_static", ""))]
+                keys = ("range", "vs_best_static") if level == "model" else ("range", "matches", "rel_err")
+                cells += [str(rd.get(k, "")) for k in keys]
             out.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

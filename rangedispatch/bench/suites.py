@@ -4,6 +4,8 @@ Op level: the all-reduce + residual + RMSNorm (+ FP8) unit per kernel tier, each
 through RangeCompiledModule. Model level: a TP block (N x column-parallel -> SiLU -> row-parallel ->
 all-reduce -> + residual -> RMSNorm) through plain torch.compile, RangeCompiledModule with fusion
 off, with fusion forced everywhere, and with range dispatch as the hardware profile says.
+HF level: a Hugging Face Llama-shaped decoder (attention included) under hand-written or DTensor
+tensor parallelism, through plain torch.compile and range dispatch.
 """
 
 from __future__ import annotations
@@ -122,4 +124,48 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
                 row["range"] = str(dispatch.range_for(n))
             rows.append(row)
             progress()
+    return rows, [str(r) for r in dispatch.ranges]
+
+
+def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, style: str,
+             tokens: Iterable[int], calls: int, replays: int, progress: Callable[[], None]) -> tuple[list[dict], list[str]]:
+    """Rows of level ``hf_<style>``: ``LlamaModel(input_ids=[1, n])``, bf16, heads of 128, 2 KV heads
+    (so that TP=2 keeps one per rank, as GQA models at TP=8 do)."""
+    from rangedispatch.bench import hf_models
+
+    tokens = list(tokens)
+    max_n = max(tokens)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hf_models.build("llama", hidden, intermediate, layers, heads=max(hidden // 128, 2), kv_heads=2, vocab=32000,
+                            dtype=torch.bfloat16, device=device)
+    model = hf_models.tensor_parallel(model, style)
+    as_profiled = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, max_num_tokens=max_n,
+                                      split_points=[p for p in cfg.dispatch.split_points if p < max_n]))
+    dispatch = RangeCompiledModule(model, as_profiled)
+    variants: dict[str, Callable] = {"torch_compile": torch.compile(model), "range_dispatch": dispatch}
+    level = f"hf_{style}"
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(0, 32000, (1, n), device=device, generator=torch.Generator(device).manual_seed(n))
+
+    rows = []
+    with torch.no_grad():
+        for fn in variants.values():
+            fn(input_ids=ids(16), use_cache=False)
+        for n in tokens:
+            x = ids(n)
+            outs = {}
+            for name, fn in variants.items():
+                outs[name] = fn(input_ids=x, use_cache=False).last_hidden_state.float()
+                us, method = time_us(lambda: fn(input_ids=x, use_cache=False), calls, replays)
+                row = dict(level=level, hidden=hidden, tokens=n, fp8=False, variant=name, us=round(us, 2),
+                           method=method)
+                if name == "range_dispatch":
+                    st = dispatch.stats()[dispatch.range_for(n)]
+                    row["range"] = str(dispatch.range_for(n))
+                    row["matches"] = st["matches"].get("allreduce_rmsnorm", 0)
+                    a, b = outs["range_dispatch"], outs["torch_compile"]
+                    row["rel_err"] = round(((a - b).norm() / b.norm()).item(), 5)
+                rows.append(row)
+                progress()
     return rows, [str(r) for r in dispatch.ranges]

@@ -76,6 +76,8 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(suites.OP_VARIANTS)
     if "model" in bench.levels:
         total += len(bench.model_shapes) * len(bench.model_tokens) * 4
+    if "hf" in bench.levels:
+        total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * 2
     step = _progress(total, rank)
     rows, boundaries = [], {}
     if "op" in bench.levels:
@@ -88,6 +90,12 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
                                            bench.calls_per_graph, bench.replays, step)
             rows += r
             boundaries[hidden] = [int(x.strip("[]").split(",")[1]) for x in ranges][:-1]
+    if "hf" in bench.levels:
+        for hidden, intermediate in bench.hf_shapes:
+            for style in bench.hf_tp:
+                r, _ = suites.hf_level(lib, hidden, intermediate, bench.model_layers, style, bench.hf_tokens,
+                                       bench.calls_per_graph, bench.replays, step)
+                rows += r
     info = dict(card=torch.cuda.get_device_name(), world_size=world, torch=torch.__version__,
                 date=str(datetime.date.today()), host=platform.node())
     return dict(rows=rows, boundaries=boundaries, info=info)

@@ -18,7 +18,14 @@ import torch.fx
 
 from rangedispatch.config.schema import HardwareConfig
 from rangedispatch.fusion.matcher import FusionMatch, find_matches
-from rangedispatch.fusion.sites import AllReduceSite, all_reduce_sites, group_size, source_digest
+from rangedispatch.fusion.sites import (
+    AllReduceSite,
+    all_reduce_sites,
+    collective_counts,
+    group_size,
+    peer_memory_unsupported,
+    source_digest,
+)
 from rangedispatch.passes import GraphPass
 from rangedispatch.ranges import Range
 
@@ -37,12 +44,18 @@ class AllReduceRMSNormFusion(GraphPass):
         self.max_num_tokens = max_num_tokens
         self.max_tokens: Optional[int] = None  # fuse ranges ending at or below this; None: not known yet
         self.sites: dict[tuple[str, int], int] = {}  # (group, bytes per token) -> fused token limit
-        self.skipped: list[str] = []
+        self.said_no_sites = False
 
     # -- before ranges are final -------------------------------------------------------------
     def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        for site in all_reduce_sites(gm):
-            reason = self._backend().site_unsupported(site.device, site.dtype, site.hidden, site.world_size)
+        sites = list(all_reduce_sites(gm))
+        if not sites:
+            self._say_no_all_reduce(gm)
+        for site in sites:
+            if site.key in self.sites:
+                continue  # decided (and said) for an earlier site or graph
+            reason = peer_memory_unsupported(site) or self._backend().site_unsupported(
+                site.device, site.dtype, site.hidden, site.world_size)
             if reason is not None:
                 log.info("fusion off for all-reduce %s: %s", site.node, reason)
                 self.sites[site.key] = 0
@@ -52,6 +65,19 @@ class AllReduceRMSNormFusion(GraphPass):
             return []
         self.max_tokens = min(min(self.sites.values()), self.max_num_tokens)
         return [self.max_tokens] if self.max_tokens >= 1 else []
+
+    def _say_no_all_reduce(self, gm: torch.fx.GraphModule) -> None:
+        import torch.distributed as dist
+
+        if self.said_no_sites or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        self.said_no_sites = True
+        counts = collective_counts(gm)
+        seen = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none"
+        note = ("; reduce-scatter sites (sequence parallelism) are not fused: their norm runs on a token shard"
+                if any("reduce_scatter" in k for k in counts) else "")
+        log.info("no all-reduce in a graph of this model (running on %d ranks): nothing to fuse; collectives: %s%s",
+                 dist.get_world_size(), seen, note)
 
     def _backend(self):
         from rangedispatch.fusion import backends
@@ -89,7 +115,6 @@ class AllReduceRMSNormFusion(GraphPass):
                 refused.add(todo[0].out)
         for reason in skipped:
             log.info("not fused: %s", reason)
-        self.skipped = skipped
         return fused
 
     def _replace(self, graph: torch.fx.Graph, m: FusionMatch) -> bool:

@@ -13,6 +13,8 @@ from typing import Iterator, Optional
 import torch
 import torch.fx
 
+from rangedispatch.hosts import hosts_of_group
+
 ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_reduce.default)
 
 
@@ -25,6 +27,7 @@ class AllReduceSite:
     dtype: torch.dtype
     hidden: int  # the last dim when static, else 0
     bytes_per_token: int  # product of the static dims x dtype size
+    hosts: int  # hosts the group's ranks live on
 
     @property
     def key(self) -> tuple[str, int]:
@@ -53,9 +56,16 @@ def gpu_row_unsupported(kernel: str, device: torch.device, dtype: torch.dtype, h
     return None
 
 
+def collective_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    """Where ``gm``'s collectives are: the graph itself, or, for DTensor graphs, its post-grad graph."""
+    from rangedispatch.graph_cache import POST_GRAD_GRAPH
+
+    return gm.meta.get(POST_GRAD_GRAPH) or gm.graph
+
+
 def all_reduce_sites(gm: torch.fx.GraphModule) -> Iterator[AllReduceSite]:
-    """Every all-reduce in a Dynamo graph whose input has a known fake value."""
-    for node in gm.graph.nodes:
+    """Every all-reduce of a traced graph whose input has a known fake value."""
+    for node in collective_graph(gm).nodes:
         if node.op != "call_function" or node.target not in ALL_REDUCE_TARGETS:
             continue
         val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
@@ -64,7 +74,26 @@ def all_reduce_sites(gm: torch.fx.GraphModule) -> Iterator[AllReduceSite]:
         static = [s for s in val.shape if not isinstance(s, torch.SymInt)]
         hidden = val.shape[-1] if val.dim() and not isinstance(val.shape[-1], torch.SymInt) else 0
         yield AllReduceSite(node.name, node.args[2], group_size(node.args[2]), val.device, val.dtype, int(hidden),
-                            math.prod(static) * val.element_size())
+                            math.prod(static) * val.element_size(), hosts_of_group(node.args[2]))
+
+
+def peer_memory_unsupported(site: AllReduceSite) -> Optional[str]:
+    """Why the peer-memory tiers (fused kernels, symmetric memory) cannot serve ``site``, or None."""
+    if site.hosts > 1:
+        return (f"group {site.group_name} spans {site.hosts} hosts; the one/two-shot kernels and symmetric memory "
+                "need every rank on one host (peer memory): NCCL at every size")
+    return None
+
+
+def collective_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """How many of each functional collective a traced graph holds (for log lines)."""
+    counts: dict[str, int] = {}
+    for node in collective_graph(gm).nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "_c10d_functional":
+            name = node.target._opname if hasattr(node.target, "_opname") else str(node.target)
+            if name != "wait_tensor":
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 @functools.cache

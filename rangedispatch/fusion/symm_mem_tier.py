@@ -16,7 +16,14 @@ import torch
 import torch.fx
 
 from rangedispatch.config.schema import HardwareConfig
-from rangedispatch.fusion.sites import ALL_REDUCE_TARGETS, AllReduceSite, all_reduce_sites, group_size, source_digest
+from rangedispatch.fusion.sites import (
+    ALL_REDUCE_TARGETS,
+    AllReduceSite,
+    all_reduce_sites,
+    group_size,
+    peer_memory_unsupported,
+    source_digest,
+)
 from rangedispatch.passes import GraphPass
 from rangedispatch.ranges import Range
 
@@ -43,6 +50,7 @@ class SymmMemAllReduce(GraphPass):
         self.max_num_tokens = max_num_tokens
         self.fused = fused
         self.sites: dict[tuple[str, int], tuple[int, int]] = {}  # (group, bytes per token) -> token span
+        self.decided: set[tuple[str, int]] = set()
         self.first: Optional[int] = None  # the tier covers ranges inside [first, last]; None: no tier
         self.last: Optional[int] = None
 
@@ -50,7 +58,13 @@ class SymmMemAllReduce(GraphPass):
         from rangedispatch.fusion.symm_mem import site_unsupported
 
         for site in all_reduce_sites(gm):
-            reason = site_unsupported(self.backend, site.device, site.dtype, site.hidden, site.world_size)
+            if site.key in self.decided:
+                continue  # said once, for an earlier site or graph
+            self.decided.add(site.key)
+            if not self.hardware.thresholds_for(site.world_size).symm_mem_max_bytes:
+                continue  # the profile gives no tier for this world size
+            reason = peer_memory_unsupported(site) or site_unsupported(
+                self.backend, site.device, site.dtype, site.hidden, site.world_size)
             if reason is not None:
                 log.info("symm_mem tier off for all-reduce %s: %s", site.node, reason)
                 continue

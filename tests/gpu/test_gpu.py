@@ -160,3 +160,32 @@ def test_symm_mem_tier_fp32_equals_eager():
     for n, r, matches, out_err, res_err in rows:
         assert out_err < 1e-4 and res_err < 1e-4, (n, r, out_err, res_err)
     assert {r: m.get("symm_mem_allreduce", 0) for _, r, m, _, _ in rows}["[1025,2048]"] == 2
+
+
+def _hf_dtensor(rank, world):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.bench import hf_models
+
+    hidden = 2048
+    model = hf_models.build("llama", hidden, 4096, heads=16, kv_heads=2, vocab=1024, dtype=torch.bfloat16, device="cuda")
+    model = hf_models.tensor_parallel(model, "dtensor")
+    threshold = load_config(["hardware=h100"]).hardware.thresholds_for(world).fused_max_bytes_for(hidden) // (hidden * 2)
+    m = RangeCompiledModule(model, load_config(["hardware=h100", f"dispatch.max_num_tokens={2 * threshold}"]))
+    rows = []
+    for seq in (1, 5, threshold, threshold + 1):
+        ids = torch.randint(0, 1024, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(seq))
+        with torch.no_grad():
+            got = m(input_ids=ids, use_cache=False).last_hidden_state
+            want = model(input_ids=ids, use_cache=False).last_hidden_state
+        per_graph = [rec.matches.get("allreduce_rmsnorm", 0) for g in m.graphs for r, rec in g.records.items()
+                     if r == m.range_for(seq)]
+        rows.append((seq, str(m.range_for(seq)), per_graph, rel_err(got, want)))
+    return threshold, rows
+
+
+def test_hf_llama_under_dtensor_tp_fuses_below_the_threshold():
+    threshold, rows = spawn_ranks(_hf_dtensor, 2, backend="nccl")[0]
+    for seq, r, per_graph, err in rows:
+        assert err < 2e-2, (seq, r, err)
+        if seq > 1:  # the first call traces (eager)
+            assert per_graph and all(n == (4 if seq <= threshold else 0) for n in per_graph), (seq, r, per_graph)

@@ -1,25 +1,12 @@
-"""Tiny Hugging Face models built from config (random weights, no downloads)."""
+"""Tiny Hugging Face models for the tests (hidden 32 unless asked), and their inputs."""
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "gemma2", "phi3")
+from rangedispatch.bench.hf_models import FAMILIES, build as _build, tensor_parallel  # noqa: F401
 
 
-def build(family: str, dtype: torch.dtype = torch.float32, hidden: int = 32, layers: int = 2) -> torch.nn.Module:
-    import transformers
-
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaModel),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2Model),
-        "gemma2": (transformers.Gemma2Config, transformers.Gemma2Model),
-        "phi3": (transformers.Phi3Config, transformers.Phi3Model),
-    }[family]
-    heads = 4
-    config = config_cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=2, head_dim=hidden // heads,
-                        vocab_size=128, max_position_embeddings=1024, pad_token_id=0)
-    torch.manual_seed(0)
-    return model_cls(config).to(dtype).eval()
+def build(family: str, dtype: torch.dtype = torch.float32, hidden: int = 32) -> torch.nn.Module:
+    return _build(family, hidden, 2 * hidden, dtype=dtype)
 
 
 def inputs(batch: int, seq: int, mask: bool, seed: int = 0) -> dict:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session on an H100 x2 (or H200 x2) machine: the GPU tests, the tune sweep and the
-# benchmark, each logging under $OUT (default gpu-results/). Run from the repository root, with
-# prebuilt FlashInfer kernels and wheels where the machine is offline (docs/offline-gpu.md):
-#   bash benchmarks/h100x2.sh tests tune bench        # any subset, in that order
-# Extra Hydra overrides for a step: TUNE_ARGS='tune.repeats=1' BENCH_ARGS="'bench.levels=[op]'".
+# One GPU session: the GPU tests, the tune sweep and the benchmark, each logging under $OUT
+# (default gpu-results/). Run from the repository root, with prebuilt FlashInfer kernels and
+# wheels where the machine is offline (docs/offline-gpu.md):
+#   bash benchmarks/gpu_session.sh tests tune bench        # any subset, in that order
+# HARDWARE=h100|h200|auto (default auto) picks the profile. Extra Hydra overrides for a step:
+# TUNE_ARGS='tune.repeats=1' BENCH_ARGS="'bench.levels=[op]'".
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -19,9 +20,9 @@ for step in "$@"; do
   start=$(date +%s)
   case $step in
     tests) python -m pytest -v -p no:cacheprovider tests/gpu > "$OUT/gpu_tests.txt" 2>&1 ;;
-    tune) eval python -m rangedispatch.cli.tune tune.name=h100 hardware=h100 "tune.out_dir=$OUT/tune" \
+    tune) eval python -m rangedispatch.cli.tune "tune.name=${HARDWARE:-auto}" "hardware=${HARDWARE:-auto}" "tune.out_dir=$OUT/tune" \
             "${TUNE_ARGS:-}" > "$OUT/tune.log" 2>&1 ;;
-    bench) eval python -m rangedispatch.cli.bench hardware=h100 "bench.out_dir=$OUT/bench" \
+    bench) eval python -m rangedispatch.cli.bench "hardware=${HARDWARE:-auto}" "bench.out_dir=$OUT/bench" \
              "${BENCH_ARGS:-}" > "$OUT/bench.log" 2>&1 ;;
     *) echo "unknown step $step (tests, tune, bench)"; exit 2 ;;
   esac

@@ -1,0 +1,96 @@
+"""Hugging Face Llama-shaped models for the benchmark and the tests, built from config (random
+weights, no downloads), and tensor parallelism the two ways people write it:
+
+- ``handwritten``: each rank keeps its slice of the weights (column-parallel q/k/v/gate/up,
+  row-parallel o/down) and a forward hook all-reduces the row-parallel outputs with
+  ``dist.all_reduce``, as in gpt-fast;
+- ``dtensor``: ``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel``, as in
+  torchtitan and HF's ``tp_plan``; ``dtensor_output`` keeps the row-parallel outputs DTensors
+  (``use_local_output=False``), with the layers' inputs and norms replicated to match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+FAMILIES = ("llama", "qwen2", "gemma2", "phi3")
+TP_STYLES = ("handwritten", "dtensor", "dtensor_output")
+COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+          vocab: int = 128, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """A ``<Family>Model`` (the decoder stack, no LM head) with seed-0 random weights."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaModel),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2Model),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2Model),
+        "phi3": (transformers.Phi3Config, transformers.Phi3Model),
+    }[family]
+    config = config_cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                        vocab_size=vocab, max_position_embeddings=32768, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return model_cls(config).to(dtype).eval()
+
+
+def tensor_parallel(model: nn.Module, style: str) -> nn.Module:
+    """``model`` split over the default process group in ``style`` (one of ``TP_STYLES``)."""
+    if style == "handwritten":
+        return _handwritten(model)
+    return _dtensor(model, use_local_output=style == "dtensor")
+
+
+def _all_reduce_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(output)
+    return output
+
+
+def _slice(linear: nn.Linear, dim: int, rank: int, world: int) -> None:
+    linear.weight = nn.Parameter(linear.weight.detach().chunk(world, dim)[rank].contiguous())
+    if linear.bias is not None:
+        bias = linear.bias.detach()
+        linear.bias = nn.Parameter(bias.chunk(world, 0)[rank].contiguous() if dim == 0 else bias / world)
+
+
+def _handwritten(model: nn.Module) -> nn.Module:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for layer in model.layers:
+        for name in COLUMN:
+            _slice(layer.get_submodule(name), 0, rank, world)
+        for name in ROW:
+            row = layer.get_submodule(name)
+            _slice(row, 1, rank, world)
+            row.register_forward_hook(_all_reduce_output)
+    return model
+
+
+def _dtensor(model: nn.Module, use_local_output: bool) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
+    plan = {name: ColwiseParallel() for name in COLUMN}
+    plan.update({name: RowwiseParallel(use_local_output=use_local_output) for name in ROW})
+    if not use_local_output:  # the residual add then adds two DTensors
+        plan[""] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
+                                      use_local_output=False)
+    for layer in model.layers:
+        parallelize_module(layer, mesh, plan)
+    if not use_local_output:  # the norms see replicated DTensors: replicate their weights too
+        for name, module in model.named_modules():
+            if name.endswith("norm"):
+                distribute_module(module, mesh)
+    return model

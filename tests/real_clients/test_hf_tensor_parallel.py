@@ -1,0 +1,60 @@
+"""Hugging Face models under tensor parallelism on 2 gloo ranks, written by hand and with DTensor
+(``parallelize_module``): the same ranges, the same fusion threshold, the same matches and eager
+numerics on both ranks, with the first call at 1 token. One spawn runs the whole matrix."""
+
+import pytest
+import torch
+
+from rangedispatch.launch import spawn_ranks
+
+pytest.importorskip("transformers")
+
+HIDDEN = 64
+THRESHOLD = 65536 // (HIDDEN * 4)  # the cpu profile's 64 KiB over fp32 rows of 64
+SEQS = (1, 5, 40, THRESHOLD + 44, 1)
+CASES = [(family, style) for family in ("llama", "qwen2", "gemma2") for style in ("handwritten", "dtensor")]
+CASES += [("llama", "dtensor_output")]  # use_local_output=False: the row-parallel outputs stay DTensors
+SITES = 4  # 2 layers x (attention output, MLP output): all-reduce -> (+ residual) -> RMSNorm
+
+
+def _matrix(rank, world, cases):
+    import hf_models
+    from rangedispatch import RangeCompiledModule, load_config
+
+    torch.set_num_threads(1)
+    results = {}
+    for family, style in cases:
+        model = hf_models.tensor_parallel(hf_models.build(family, torch.float32, hidden=HIDDEN), style)
+        m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+        errors = []
+        with torch.no_grad():
+            for seq in SEQS:
+                kwargs = hf_models.inputs(1, seq, mask=False)
+                got, want = m(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state
+                if type(got) is not torch.Tensor:  # DTensor outputs
+                    got, want = got.full_tensor(), want.full_tensor()
+                errors.append((got - want).abs().max().item())
+        per_graph = sorted((str(r), rec.matches.get("allreduce_rmsnorm", 0))
+                           for g in m.graphs for r, rec in g.records.items())
+        results[(family, style)] = dict(ranges=[str(r) for r in m.ranges], errors=errors, per_graph=per_graph)
+    return results
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    return spawn_ranks(_matrix, 2, CASES, backend="gloo")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_tensor_parallel_hf_model_fuses_like_the_handwritten_form(matrix, case):
+    for rank_results in matrix:
+        res = rank_results[case]
+        assert res["ranges"] == ["[1,8]", "[9,32]", f"[33,{THRESHOLD}]", f"[{THRESHOLD + 1},1024]"]
+        assert max(res["errors"]) < 1e-4, res["errors"]
+        # every graph compiled for a fused range fused every site; none above the threshold
+        assert res["per_graph"] == sorted([("[1,8]", SITES), ("[1,8]", SITES), (f"[33,{THRESHOLD}]", SITES),
+                                           (f"[{THRESHOLD + 1},1024]", 0)])
