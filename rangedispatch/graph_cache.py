@@ -13,12 +13,12 @@ compiling from two threads would otherwise corrupt each other's state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx
@@ -107,6 +107,32 @@ def _compile_fx(gm: torch.fx.GraphModule, inputs: list, symbolic: bool) -> Calla
         return compile_fx(gm_copy, inputs)
 
 
+@contextlib.contextmanager
+def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[list]:
+    """While a range compiles, the token count's size hint is the range's end. Inductor picks kernel
+    launch configs (reductions, pointwise blocks) from hints, and the traced size (often 16 tokens,
+    or 1) would tune a range of thousands of tokens for the wrong size. Yields the shape guards the
+    compile added: the range's graph is called without re-checking guards, so they are reported."""
+    fake_mode = torch._guards.detect_fake_mode(list(fakes)) if symbols else None
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is None:
+        yield []
+        return
+    hints = getattr(shape_env, "backed_var_to_val", None)
+    hints = hints if hints is not None else shape_env.var_to_val
+    saved = {s: hints[s] for s in symbols if s in hints}
+    if len(symbols) == 1:
+        (sym,) = symbols
+        hints[sym] = type(hints[sym])(r.end) if sym in hints else r.end
+    guards_before = len(shape_env.guards)
+    added: list = []
+    try:
+        yield added
+    finally:
+        hints.update(saved)
+        added += [g.expr for g in shape_env.guards[guards_before:]]
+
+
 class _PostGradCaptured(Exception):
     pass
 
@@ -184,7 +210,12 @@ class RangeGraph:
                 inputs = list(args)
             else:
                 inputs = self.fakes
-            fn, record = self.cache.compile_graph(self, inputs, r, symbolic=inputs is self.fakes)
+            symbolic = inputs is self.fakes
+            with _range_size_hint(self.fakes, self.symbols if symbolic else set(), r) as new_guards:
+                fn, record = self.cache.compile_graph(self, inputs, r, symbolic=symbolic)
+            if new_guards:
+                log.warning("compiling graph %d for %s added shape guards that no call checks: %s", self.index, r,
+                            ", ".join(map(str, new_guards)))
             self.records[r] = record
             self.artifacts[r] = fn
             name = f"graph {self.index} " if len(self.cache.graphs) > 1 else ""

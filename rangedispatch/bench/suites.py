@@ -129,14 +129,14 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
 
 def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, style: str,
              tokens: Iterable[int], calls: int, replays: int, progress: Callable[[], None]) -> tuple[list[dict], list[str]]:
-    """Rows of level ``hf_<style>``: ``LlamaModel(input_ids=[1, n])``, bf16, heads of 128, 2 KV heads
-    (so that TP=2 keeps one per rank, as GQA models at TP=8 do)."""
+    """Rows of level ``hf_<style>``: ``LlamaModel(input_ids=[1, n])``, bf16, heads of 128, 8 KV heads
+    (Llama 3: at least one per rank up to TP=8)."""
     from rangedispatch.bench import hf_models
 
     tokens = list(tokens)
     max_n = max(tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = hf_models.build("llama", hidden, intermediate, layers, heads=max(hidden // 128, 2), kv_heads=2, vocab=32000,
+    model = hf_models.build("llama", hidden, intermediate, layers, heads=max(hidden // 128, 8), kv_heads=8, vocab=32000,
                             dtype=torch.bfloat16, device=device)
     model = hf_models.tensor_parallel(model, style)
     as_profiled = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, max_num_tokens=max_n,
