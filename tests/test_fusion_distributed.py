@@ -96,48 +96,34 @@ def _refusals(rank, world):
         ye, _ = model(x.clone())
     out["fp32_weight"] = (m.stats()[m.range_for(16)]["matches"], torch.equal(y, ye) or _close(y, ye, False, torch.bfloat16))
 
+    class AllReduceNorm(torch.nn.Module):
+        """all_reduce(2x) -> combine(y, residual) -> RMSNorm; returns the norm and combine's other output."""
+
+        def __init__(self, combine):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(HIDDEN))
+            self.combine = combine
+
+        def forward(self, x, residual):
+            y = x * 2
+            torch.distributed.all_reduce(y)
+            h, other = self.combine(y, residual)
+            hf = h.float()
+            return self.w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype), other
+
+    def matches_and_numerics(model):
+        m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+        x, r = torch.randn(16, HIDDEN), torch.randn(16, HIDDEN)
+        with torch.no_grad():
+            m(x, r)
+            a, b = m(x, r)
+            ae, be = model(x, r)
+        return m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32)
+
     # the all-reduced value is also used un-normed (before the residual add): must stay correct
-    class SideUse(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(HIDDEN))
-
-        def forward(self, x, residual):
-            y = x * 2
-            torch.distributed.all_reduce(y)
-            h = y + residual
-            hf = h.float()
-            n = self.w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
-            return n, y * 3
-
-    model = SideUse()
-    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
-    x, r = torch.randn(16, HIDDEN), torch.randn(16, HIDDEN)
-    with torch.no_grad():
-        m(x, r)
-        a, b = m(x, r)
-        ae, be = model(x, r)
-    out["side_use"] = (m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32))
-
-    class Alpha(torch.nn.Module):  # all_reduce(y) + 3 * residual looks like the residual form
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(HIDDEN))
-
-        def forward(self, x, residual):
-            y = x * 2
-            torch.distributed.all_reduce(y)
-            h = torch.add(y, residual, alpha=3)
-            hf = h.float()
-            return self.w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype), h
-
-    model = Alpha()
-    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
-    with torch.no_grad():
-        m(x, r)
-        a, b = m(x, r)
-        ae, be = model(x, r)
-    out["alpha"] = (m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32))
+    out["side_use"] = matches_and_numerics(AllReduceNorm(lambda y, r: (y + r, y * 3)))
+    # all_reduce(y) + 3 * residual looks like the residual form
+    out["alpha"] = matches_and_numerics(AllReduceNorm(lambda y, r: (torch.add(y, r, alpha=3),) * 2))
 
     # a backend that cannot take the site (flashinfer on CPU tensors): not fused, no split point
     model = TPMLPBlock(hidden=HIDDEN, intermediate=128, norm="llama", dtype=torch.bfloat16)
@@ -253,3 +239,33 @@ def test_a_group_spanning_hosts_keeps_nccl_at_every_size():
     assert ranges == ["[1,8]", "[9,32]", "[33,1024]"] and all(ok)  # no fusion split point
     assert all(not v.get("allreduce_rmsnorm") for v in matches.values())
     assert len(said) == 1 and "NCCL at every size" in said[0]
+
+
+def _no_all_reduce(rank, world):
+    import logging
+
+    from rangedispatch import RangeCompiledModule, load_config
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("rangedispatch").addHandler(handler)
+    logging.getLogger("rangedispatch").setLevel(logging.INFO)
+
+    class Gather(torch.nn.Module):  # a collective, but no all-reduce
+        def forward(self, x):
+            out = torch.empty(world * x.shape[0], x.shape[1])
+            torch.distributed.all_gather_into_tensor(out, x * 2)
+            return out + 1
+
+    model = Gather()
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+    x = torch.randn(12, HIDDEN)
+    ok = [_close(m(x), model(x), False, torch.float32) for _ in range(2)]
+    return ok, [r for r in records if "no all-reduce" in r]
+
+
+def test_a_multi_rank_model_without_all_reduce_says_so_once():
+    ok, said = spawn_ranks(_no_all_reduce, 2, backend="gloo")[0]
+    assert all(ok) and len(said) == 1
+    assert "running on 2 ranks" in said[0] and "all_gather_into_tensor x1" in said[0]

@@ -169,14 +169,20 @@ def test_optional_and_keyword_arguments_that_appear_or_vanish(guard_free):
     same(m, model, x, scale=2.0, steps=3)
 
 
-@GUARDS
-def test_dtype_changes_of_any_input_and_of_the_model(guard_free):
+def traced_mlp(guard_free):
+    """An Mlp wrapper past its trace and first compiled call, and the inputs it saw."""
     torch.manual_seed(0)
     model = Mlp()
     m = wrap(model, guard_free=guard_free)
     x, r = xr(12)
     same(m, model, x, r)
     same(m, model, x, r)
+    return model, m, x, r
+
+
+@GUARDS
+def test_dtype_changes_of_any_input_and_of_the_model(guard_free):
+    model, m, x, r = traced_mlp(guard_free)
     same(m, model, x, r.double())
     same(m, model, x, r.to(torch.bfloat16))
     model.to(torch.bfloat16)
@@ -187,12 +193,7 @@ def test_dtype_changes_of_any_input_and_of_the_model(guard_free):
 
 @GUARDS
 def test_strided_and_grad_requiring_token_inputs(guard_free):
-    torch.manual_seed(0)
-    model = Mlp()
-    m = wrap(model, guard_free=guard_free)
-    x, r = xr(12)
-    same(m, model, x, r)
-    same(m, model, x, r)
+    model, m, x, r = traced_mlp(guard_free)
     same(m, model, torch.randn(16, 12).t(), r)  # transposed
     same(m, model, torch.randn(24, 16)[::2], r)  # strided rows
     xg = x.clone().requires_grad_(True)

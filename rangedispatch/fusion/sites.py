@@ -89,10 +89,10 @@ def collective_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
     """How many of each functional collective a traced graph holds (for log lines)."""
     counts: dict[str, int] = {}
     for node in collective_graph(gm).nodes:
-        if node.op == "call_function" and getattr(node.target, "namespace", None) == "_c10d_functional":
-            name = node.target._opname if hasattr(node.target, "_opname") else str(node.target)
-            if name != "wait_tensor":
-                counts[name] = counts.get(name, 0) + 1
+        target = str(node.target) if node.op == "call_function" else ""
+        if target.startswith("_c10d_functional.") and not target.startswith("_c10d_functional.wait_tensor"):
+            name = target.split(".")[1]
+            counts[name] = counts.get(name, 0) + 1
     return counts
 
 
