@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from rangedispatch import dynamic_dims, guardless, hosts
+from rangedispatch import dynamic_dims, guardless, hosts, logs
 from rangedispatch.config import RangeDispatchConfig, load_config, to_schema
 from rangedispatch.cudagraphs import CudaGraphRunner, resize_tokens
 from rangedispatch.errors import ConfigError, NotTracedError, OutOfRangeError
@@ -44,6 +44,7 @@ class RangeCompiledModule(nn.Module):
     # ------------------------------------------------------------------ 1. construct
     def __init__(self, model: nn.Module, cfg: Any = None, passes: Sequence[GraphPass] = ()):
         super().__init__()
+        logs.configure_from_env()
         self.module = model
         self.config: RangeDispatchConfig = to_schema(cfg) if cfg is not None else load_config()
         d = self.config.dispatch

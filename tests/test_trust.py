@@ -344,3 +344,24 @@ def test_captured_inputs_refuse_calls_that_differ():
     assert "torch.float64" in captured.mismatch((x,), {"residual": r.double(), "use_cache": False}, 4)
     assert "shape (4, 8)" in captured.mismatch((x,), {"residual": torch.randn(4, 8), "use_cache": False}, 4)
     assert "is a NoneType" in captured.mismatch((x,), {"residual": None, "use_cache": False}, 4)
+
+
+LOGS_SCRIPT = """
+import torch
+from rangedispatch import RangeCompiledModule, load_config
+m = RangeCompiledModule(torch.nn.Linear(4, 4), load_config(["hardware=cpu", "dispatch.max_num_tokens=64"]))
+m(torch.randn(3, 4))
+"""
+
+
+def test_log_switch_from_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RANGEDISPATCH_LOGS="info")
+    out = subprocess.run([sys.executable, "-c", LOGS_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    assert "[rangedispatch] ranges: [1,8] [9,32] [33,64]" in out.stderr
+    env["RANGEDISPATCH_LOGS"] = "loud"
+    bad = subprocess.run([sys.executable, "-c", LOGS_SCRIPT], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "RANGEDISPATCH_LOGS='loud' is not a log level; allowed: debug, info, warning" in bad.stderr

@@ -1,0 +1,34 @@
+"""``RANGEDISPATCH_LOGS``: turn on the library's log lines without writing logging code, in the
+spirit of ``TORCH_LOGS``. ``RANGEDISPATCH_LOGS=info`` shows ranges, per-range compiles (passes,
+matches, seconds), fusion decisions and fallbacks on stderr; ``debug`` adds traced graphs;
+``warning`` (what Python shows by default) only fallbacks that cost speed or correctness."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+ENV = "RANGEDISPATCH_LOGS"
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_configured = False
+
+
+def configure_from_env() -> None:
+    """Once per process: if ``RANGEDISPATCH_LOGS`` is set, log the library at that level to stderr."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value:
+        return
+    if value not in _LEVELS:
+        from rangedispatch.errors import ConfigError
+
+        raise ConfigError(f"{ENV}={value!r} is not a log level; allowed: {', '.join(_LEVELS)}")
+    logger = logging.getLogger("rangedispatch")
+    logger.setLevel(_LEVELS[value])
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[rangedispatch] %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False  # one line per message, whatever the root logger does
