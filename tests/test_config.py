@@ -114,3 +114,51 @@ def test_auto_picks_the_machine_profile_and_explicit_wins(caplog):
 def test_auto_refuses_profile_overrides():
     with pytest.raises(ConfigError, match="hardware=auto takes no other hardware keys"):
         load_config(["+hardware.fused_backend=reference"])
+
+
+MY_PROFILE = """name: mybox
+fused_backend: reference
+device_name: cpu
+thresholds:
+  "2":
+    fused_max_bytes: 4096
+    oneshot_max_bytes: 4096
+"""
+
+
+def _user_profile(root, name="mybox"):
+    (root / "hardware").mkdir(parents=True)
+    (root / "hardware" / f"{name}.yaml").write_text(MY_PROFILE.replace("mybox", name))
+
+
+def test_user_profiles_from_the_search_path_and_the_per_user_folder(tmp_path, monkeypatch):
+    from rangedispatch.config import hardware_profiles
+
+    _user_profile(tmp_path / "team")
+    _user_profile(tmp_path / "xdg" / "rangedispatch", "mine")
+    monkeypatch.setenv("RANGEDISPATCH_PROFILE_PATH", str(tmp_path / "team"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert load_config(["hardware=mybox"]).hardware.thresholds_for(2).fused_max_bytes == 4096
+    assert load_config(["hardware=mine"]).hardware.name == "mine"
+    assert {"mybox", "mine", "cpu"} <= set(hardware_profiles())
+
+
+def test_auto_prefers_a_tuned_profile_for_this_device_and_world_size(tmp_path, monkeypatch):
+    _user_profile(tmp_path / "xdg" / "rangedispatch")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_config(["hardware=auto"]).hardware.name == "mybox"
+    monkeypatch.setenv("WORLD_SIZE", "4")  # measured for 2 ranks only: the built-in profile
+    assert load_config(["hardware=auto"]).hardware.name == "cpu"
+
+
+def test_the_cli_finds_user_profiles(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _user_profile(tmp_path / "team")
+    env = dict(os.environ, RANGEDISPATCH_PROFILE_PATH=str(tmp_path / "team"))
+    out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.demo", "hardware=mybox", "--cfg", "job"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert "name: mybox" in out and "fused_max_bytes: 4096" in out

@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rangedispatch.cli.user_profiles import with_user_profiles
 from rangedispatch.config.loader import config_dir, register_base_config
 
 register_base_config()
@@ -127,5 +128,7 @@ def main(cfg: DictConfig) -> None:
     print(f"wrote {out}/results.csv, table.md, run.json" + (f"; {why}" if why else ", results.png"))
 
 
+run = with_user_profiles(main)
+
 if __name__ == "__main__":
-    main()
+    run()

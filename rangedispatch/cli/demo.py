@@ -14,6 +14,7 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rangedispatch.cli.user_profiles import with_user_profiles
 from rangedispatch.config.loader import config_dir, register_base_config
 
 register_base_config()
@@ -62,5 +63,7 @@ def main(cfg: DictConfig) -> None:
         print(f"{n:>7} {r:>14} {passes:>18} {matches:>7} {err:>17.2e} {ms:>8.2f}")
 
 
+run = with_user_profiles(main)
+
 if __name__ == "__main__":
-    main()
+    run()

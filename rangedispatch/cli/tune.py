@@ -24,7 +24,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rangedispatch.cli.bench import _progress
-from rangedispatch.config.loader import config_dir, register_base_config
+from rangedispatch.cli.user_profiles import with_user_profiles
+from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir, register_base_config
 
 register_base_config()
 
@@ -143,7 +144,9 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
                   f"{len(repeats)} repeats: fused {[mib(f) for f in fused]}, one-shot {[mib(o) for o in oneshot]}.",
                   "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
     backend = "flashinfer" if result["cuda"] else "reference"
-    return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware, provenance)
+    device_name = info["card"] if result["cuda"] else "cpu"
+    return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware,
+                                                  provenance, device_name)
 
 
 def _band(band, mib) -> str:
@@ -230,8 +233,12 @@ def main(cfg: DictConfig) -> None:
     why = plot(result["rows"], out / "sweep.png")
     print(summary)
     print(f"wrote {path}, {out}/sweep.csv, summary.md" + (f"; {why}" if why else ", sweep.png"))
-    print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}'])")
+    print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}']), or copy {path.parent} into a "
+          f"folder of {PROFILE_PATH_ENV} or ~/.config/rangedispatch/ (then hardware={tune.name} and hardware=auto "
+          "find it everywhere)")
 
+
+run = with_user_profiles(main)
 
 if __name__ == "__main__":
-    main()
+    run()

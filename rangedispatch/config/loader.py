@@ -23,6 +23,30 @@ from rangedispatch.errors import ConfigError
 
 CONFIG_NAME = "config"
 BASE_CONFIG_NAME = "rangedispatch_base"
+PROFILE_PATH_ENV = "RANGEDISPATCH_PROFILE_PATH"
+
+
+def user_profile_dirs() -> list[Path]:
+    """Folders with user hardware profiles (``hardware/NAME.yaml``, the layout rangedispatch-tune
+    writes), searched before the built-in ones by ``load_config``, every CLI and ``hardware=auto``:
+    ``$RANGEDISPATCH_PROFILE_PATH`` (folders separated by ``os.pathsep``), then the per-user
+    ``$XDG_CONFIG_HOME/rangedispatch`` (default ``~/.config/rangedispatch``)."""
+    dirs = [Path(p) for p in os.environ.get(PROFILE_PATH_ENV, "").split(os.pathsep) if p]
+    dirs.append(Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "rangedispatch")
+    return dirs
+
+
+def _search_dirs(config_dirs: Sequence[Union[str, Path]]) -> list[Path]:
+    return [*map(Path, config_dirs), *user_profile_dirs()]
+
+
+def hydra_searchpath_override() -> Optional[str]:
+    """``hydra.searchpath=[...]`` for the user profile folders that exist (CLIs built on
+    ``hydra.main`` find ``hardware=NAME`` there too), or None."""
+    dirs = [d for d in user_profile_dirs() if (d / "hardware").is_dir()]
+    if not dirs:
+        return None
+    return "hydra.searchpath=[" + ",".join(f"file://{d.resolve()}" for d in dirs) + "]"
 
 
 def config_dir() -> Path:
@@ -39,7 +63,7 @@ def config_dir() -> Path:
 
 def hardware_profiles(extra_dirs: Sequence[Union[str, Path]] = ()) -> list[str]:
     names = set()
-    for d in [config_dir(), *map(Path, extra_dirs)]:
+    for d in [config_dir(), *_search_dirs(extra_dirs)]:
         names.update(p.stem for p in (d / "hardware").glob("*.yaml"))
     names.discard("auto")
     return sorted(names)
@@ -70,7 +94,7 @@ def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[st
 
     register_base_config()
     search_path = create_config_search_path(f"file://{config_dir()}")
-    for d in reversed(list(config_dirs)):
+    for d in reversed(_search_dirs(config_dirs)):
         search_path.prepend("rangedispatch-user", f"file://{os.path.abspath(d)}")
     loader = ConfigLoaderImpl(config_search_path=search_path)
     try:
@@ -106,7 +130,7 @@ def load_profile(name: str, config_dirs: Sequence[Union[str, Path]] = ()) -> dic
     """The hardware profile ``name`` as a plain mapping (user folders first, then the built-in one)."""
     from omegaconf import OmegaConf
 
-    for d in [*map(Path, config_dirs), config_dir()]:
+    for d in [*_search_dirs(config_dirs), config_dir()]:
         path = d / "hardware" / f"{name}.yaml"
         if path.is_file():
             return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -137,7 +161,9 @@ def to_schema(cfg: Any, config_dirs: Sequence[Union[str, Path]] = ()) -> RangeDi
         if extra:
             raise ConfigError(f"hardware=auto takes no other hardware keys (got {', '.join('hardware.' + k for k in extra)}); "
                               "name the profile to override its values, e.g. hardware=h100")
-        cfg = {**cfg, "hardware": load_profile(detect_profile(hardware_profiles(config_dirs)), config_dirs)}
+        tuned = {name: load_profile(name, config_dirs) for d in _search_dirs(config_dirs)
+                 for name in (p.stem for p in sorted((d / "hardware").glob("*.yaml")))}
+        cfg = {**cfg, "hardware": load_profile(detect_profile(hardware_profiles(config_dirs), tuned), config_dirs)}
     return build_dataclass(RangeDispatchConfig, cfg, "")
 
 

@@ -171,6 +171,9 @@ class HardwareConfig:
     name: str = "cpu"
     # Kernel the fused op uses on this hardware: "reference" or "flashinfer".
     fused_backend: str = "reference"
+    # The device the profile was measured on (CUDA device name, or "cpu"), written by
+    # rangedispatch-tune: hardware=auto prefers a user profile measured on this device. Empty: none.
+    device_name: str = ""
     # Thresholds per world size: keys are world sizes as strings ("2", "4", "8") or "default" for
     # any world size not listed.
     thresholds: dict[str, FusionThresholds] = field(default_factory=lambda: {"default": FusionThresholds()})
@@ -178,6 +181,8 @@ class HardwareConfig:
     def __post_init__(self) -> None:
         k = self.SECTION
         check_str(f"{k}.name", self.name)
+        if not isinstance(self.device_name, str):
+            raise fail(f"{k}.device_name", self.device_name, "a device name (str)")
         check_choice(f"{k}.fused_backend", self.fused_backend, FUSED_BACKENDS[1:])
         if not isinstance(self.thresholds, dict) or not self.thresholds:
             raise fail(f"{k}.thresholds", self.thresholds, "a mapping of world size (or 'default') to thresholds")

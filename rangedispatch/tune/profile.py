@@ -9,10 +9,14 @@ from rangedispatch.tune.crossover import Thresholds
 
 
 def render(name: str, fused_backend: str, world_size: int, measured: Thresholds, base: HardwareConfig,
-           provenance: list[str]) -> str:
-    """The profile: ``measured`` for ``world_size``, every other world size kept from ``base``."""
+           provenance: list[str], device_name: str = "") -> str:
+    """The profile: ``measured`` for ``world_size``, every other world size kept from ``base``;
+    ``device_name`` lets ``hardware=auto`` pick it on that device."""
     lines = [f"# Written by rangedispatch-tune. {line}" if i == 0 else f"# {line}" for i, line in enumerate(provenance)]
-    lines += [f"name: {name}", f"fused_backend: {fused_backend}", "thresholds:"]
+    lines += [f"name: {name}", f"fused_backend: {fused_backend}"]
+    if device_name:
+        lines.append(f"device_name: {device_name!r}")
+    lines.append("thresholds:")
     entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
     order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))
     as_profile = FusionThresholds(
