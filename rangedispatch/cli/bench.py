@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rangedispatch.cli.user_profiles import with_user_profiles
+from rangedispatch.cli.app import hydra_app
 from rangedispatch.config.loader import config_dir, register_base_config
 
 register_base_config()
@@ -107,7 +108,13 @@ def main(cfg: DictConfig) -> None:
     from rangedispatch.bench import report
     from rangedispatch.launch import init_from_env, spawn_ranks
 
+    import torch
+
     _, bench = split_config(cfg)  # fail here, with the key named, before any rank starts
+    if "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < bench.world_size:
+        print(f"rangedispatch-bench: needs {bench.world_size} CUDA GPUs (bench.world_size={bench.world_size}), "
+              f"found {torch.cuda.device_count()}; the CPU demo is rangedispatch-demo", file=sys.stderr)
+        sys.exit(2)
     cfg_yaml = OmegaConf.to_yaml(cfg)
     if "WORLD_SIZE" in os.environ:
         rank, world = init_from_env("nccl")
@@ -128,7 +135,19 @@ def main(cfg: DictConfig) -> None:
     print(f"wrote {out}/results.csv, table.md, run.json" + (f"; {why}" if why else ", results.png"))
 
 
-run = with_user_profiles(main)
+ABOUT = """rangedispatch-bench: op-level, model-level and HF-model sweeps on 2+ CUDA GPUs (NCCL, FlashInfer):
+a table, results.csv and results.png under bench.out_dir.
+
+Main keys (bench.*: rangedispatch/bench/config.py; the rest: rangedispatch/config/schema.py):
+  hardware=auto|h100|h200   bench.levels=[op,model,hf]   bench.world_size=2
+  bench.model_shapes=[[8192,28672]]   bench.hf_tp=[handwritten,dtensor]   bench.out_dir=bench-results
+
+Examples:
+  rangedispatch-bench hardware=h100 'bench.levels=[op]'
+  torchrun --nproc-per-node 4 -m rangedispatch.cli.bench 'bench.levels=[model,hf]'
+"""
+
+run = hydra_app(main, "bench", split_config, ABOUT)
 
 if __name__ == "__main__":
     run()

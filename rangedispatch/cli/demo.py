@@ -14,7 +14,8 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rangedispatch.cli.user_profiles import with_user_profiles
+from rangedispatch.cli.app import hydra_app
+from rangedispatch.config import to_schema
 from rangedispatch.config.loader import config_dir, register_base_config
 
 register_base_config()
@@ -24,7 +25,6 @@ def _rank_main(rank: int, world_size: int, cfg_yaml: str) -> list:
     import torch
 
     from rangedispatch import RangeCompiledModule
-    from rangedispatch.config import to_schema
     from rangedispatch.models import TPMLPBlock
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[rank0] %(message)s")
@@ -53,7 +53,6 @@ def _rank_main(rank: int, world_size: int, cfg_yaml: str) -> list:
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rangedispatch.config import to_schema
     from rangedispatch.launch import spawn_ranks
 
     to_schema(cfg)  # fail here, with the key named, before spawning
@@ -63,7 +62,20 @@ def main(cfg: DictConfig) -> None:
         print(f"{n:>7} {r:>14} {passes:>18} {matches:>7} {err:>17.2e} {ms:>8.2f}")
 
 
-run = with_user_profiles(main)
+ABOUT = """rangedispatch-demo: 2 gloo ranks on CPU run a tensor-parallel MLP block through
+RangeCompiledModule and print, per token count, the range that ran, its passes, matches, the error
+vs eager and the time.
+
+Main keys (every key: rangedispatch/config/schema.py):
+  hardware=auto|cpu|h100|h200|<your profile>   dispatch.split_points=[8,32]   dispatch.max_num_tokens=8192
+  fusion.enabled=true|false   dispatch.skip_dynamo_guards=false|true   compile.max_autotune=single_sizes
+
+Examples:
+  rangedispatch-demo 'dispatch.split_points=[16]' fusion.enabled=false
+  rangedispatch-demo --cfg job        # the config that will be used (the detected hardware profile)
+"""
+
+run = hydra_app(main, "config", lambda cfg: (to_schema(cfg),), ABOUT)
 
 if __name__ == "__main__":
     run()

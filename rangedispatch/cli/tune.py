@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rangedispatch.cli.bench import _progress
-from rangedispatch.cli.user_profiles import with_user_profiles
+from rangedispatch.cli.app import hydra_app
 from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir, register_base_config
 
 register_base_config()
@@ -238,7 +238,18 @@ def main(cfg: DictConfig) -> None:
           "find it everywhere)")
 
 
-run = with_user_profiles(main)
+ABOUT = """rangedispatch-tune: measure where each all-reduce tier pays on this machine (fused one/two-shot,
+symmetric memory, NCCL) and write a hardware profile with its provenance, sweep CSV/PNG and summary.
+
+Main keys (tune.*: rangedispatch/tune/config.py):
+  tune.name=<profile name>   tune.world_size=2   tune.out_dir=tune-results   tune.from_csv=<sweep.csv>
+
+Examples:
+  torchrun --nproc-per-node 2 -m rangedispatch.cli.tune tune.name=my_gpu
+  mkdir -p ~/.config/rangedispatch && cp -r tune-results/hardware ~/.config/rangedispatch/
+"""
+
+run = hydra_app(main, "tune", split_config, ABOUT)
 
 if __name__ == "__main__":
     run()

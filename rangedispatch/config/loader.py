@@ -83,9 +83,11 @@ def register_base_config() -> None:
     ConfigStore.instance().store(name=BASE_CONFIG_NAME, node=base)
 
 
-def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[str, Path]] = ()) -> Any:
+def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[str, Path]] = (),
+                   config_name: str = CONFIG_NAME) -> Any:
     """The composed ``DictConfig`` (no validation). ``config_dirs`` adds folders searched before the
-    built-in ones, e.g. one holding ``hardware/my_gpu.yaml`` written by ``rangedispatch-tune``."""
+    built-in ones, e.g. one holding ``hardware/my_gpu.yaml`` written by ``rangedispatch-tune``;
+    ``config_name`` picks a tool's config (``bench``, ``tune``) instead of the library's."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
     from hydra.errors import HydraException, MissingConfigException
@@ -99,7 +101,7 @@ def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[st
     loader = ConfigLoaderImpl(config_search_path=search_path)
     try:
         cfg = loader.load_configuration(
-            config_name=CONFIG_NAME, overrides=list(overrides), run_mode=RunMode.RUN, from_shell=False
+            config_name=config_name, overrides=list(overrides), run_mode=RunMode.RUN, from_shell=False
         )
     except MissingConfigException as e:
         if "hardware" in str(e):
