@@ -74,7 +74,7 @@ def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: 
     fns = {name: builders[name]() for name in variants}
     warm = torch.randn(16, hidden, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
-        for fn in fns.values():  # traces each variant at a size >= 2 (see pitfalls: 1-token traces)
+        for fn in fns.values():  # traces each variant at 16 tokens
             fn(warm.clone(), warm.clone())
     rows = []
     for n in tokens:
