@@ -49,12 +49,9 @@ class CapturedInputs:
         self.buffers: list = []  # per leaf: its static buffer (tensors) or value
         self.token_leaf: list[bool] = []  # per leaf: does it carry the token dim
         for leaf in leaves:
-            token = isinstance(leaf, torch.Tensor) and leaf.dim() > token_dim and leaf.shape[token_dim] == n
+            token = _carries_tokens(leaf, token_dim, n)
             if token:
-                shape = list(leaf.shape)
-                shape[token_dim] = s
-                buf = torch.zeros(shape, dtype=leaf.dtype, device=leaf.device)
-                buf.narrow(token_dim, 0, min(n, s)).copy_(leaf.narrow(token_dim, 0, min(n, s)))
+                buf = _resized(leaf, token_dim, n, s)
             elif isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter):
                 buf = leaf.clone()
             else:
@@ -65,9 +62,9 @@ class CapturedInputs:
     def call_inputs(self) -> tuple[tuple, dict]:
         return pytree.tree_unflatten(self.buffers, self.spec)
 
-    def mismatch(self, args: tuple, kwargs: dict, n: int) -> Optional[str]:
-        """Why a call of ``n`` tokens cannot replay into these buffers, or None."""
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+    def mismatch(self, leaves: list, spec: Any, n: int) -> Optional[str]:
+        """Why a call of ``n`` tokens (flattened: ``leaves``, ``spec``) cannot replay into these
+        buffers, or None."""
         if spec != self.spec:
             return "the call's arguments differ from the captured call's (keywords, nesting or count)"
         d = self.token_dim
@@ -87,9 +84,9 @@ class CapturedInputs:
                 return f"input {i} has shape {tuple(live.shape)}; {tuple(expected)} fits the captured graph"
         return None
 
-    def copy_in(self, args: tuple, kwargs: dict, n: int) -> None:
+    def copy_in(self, leaves: list, n: int) -> None:
         d = self.token_dim
-        for buf, live, token in zip(self.buffers, pytree.tree_leaves((args, kwargs)), self.token_leaf):
+        for buf, live, token in zip(self.buffers, leaves, self.token_leaf):
             if token:
                 buf.narrow(d, 0, n).copy_(live)
             elif isinstance(buf, torch.Tensor) and buf is not live:
@@ -120,25 +117,26 @@ class CudaGraphRunner:
         call = self.captured.get(s)
         if call is None:
             call = self.capture(r, s, x, args, kwargs)
-        reason = call.inputs.mismatch(args, kwargs, n)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        reason = call.inputs.mismatch(leaves, spec, n)
         if reason is not None:
             if not self.warned:
                 self.warned = True
                 log.warning("CUDA graph for %d tokens not used: %s; such calls run without a graph (said once)",
                             s, reason)
             return self.MISMATCH
-        if n < s and not call.checked_padding:
-            return self._replay_checking_padding(r, call, s, n, args, kwargs)
-        call.inputs.copy_in(args, kwargs, n)
-        call.graph.replay()
-        return self._sliced(call.output, s, n)
-
-    def _replay_checking_padding(self, r: Range, call: CapturedCall, s: int, n: int, args: tuple, kwargs: dict) -> Any:
-        """The first padded replay of a size, compared with the unpadded call on the real rows."""
-        expected = self.run(r, args, kwargs)
-        call.inputs.copy_in(args, kwargs, n)
+        expected = self.run(r, args, kwargs) if n < s and not call.checked_padding else None
+        call.inputs.copy_in(leaves, n)
         call.graph.replay()
         got = self._sliced(call.output, s, n)
+        if expected is not None:
+            self._check_padding(expected, got, s, n)
+            call.checked_padding = True
+        return got
+
+    @staticmethod
+    def _check_padding(expected: Any, got: Any, s: int, n: int) -> None:
+        """The first padded replay of a size must equal the unpadded call on the real rows."""
         for e, g in zip(pytree.tree_leaves(expected), pytree.tree_leaves(got)):
             if isinstance(e, torch.Tensor) and e.is_floating_point():
                 try:
@@ -150,8 +148,6 @@ class CudaGraphRunner:
                         f"model mixes tokens (bidirectional attention, softmax or mean over tokens, routing); "
                         f"remove {s} from dispatch.cudagraph_sizes or list exactly the sizes it is called with"
                     ) from None
-        call.checked_padding = True
-        return got
 
     def _sliced(self, output: Any, s: int, n: int) -> Any:
         if n == s:
@@ -187,14 +183,19 @@ def resize_tokens(args: tuple, kwargs: dict, token_dim: int, n: int, s: int) -> 
     """Inputs like ``(args, kwargs)`` with ``s`` instead of ``n`` rows along ``token_dim`` (zero
     padded or cut): example inputs for capturing size ``s`` at warmup."""
 
-    def resize(t: Any) -> Any:
-        if not (isinstance(t, torch.Tensor) and t.dim() > token_dim and t.shape[token_dim] == n):
-            return t
-        shape = list(t.shape)
-        shape[token_dim] = s
-        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-        k = min(n, s)
-        out.narrow(token_dim, 0, k).copy_(t.narrow(token_dim, 0, k))
-        return out
+    return pytree.tree_map(lambda t: _resized(t, token_dim, n, s) if _carries_tokens(t, token_dim, n) else t,
+                           (args, kwargs))
 
-    return pytree.tree_map(resize, (args, kwargs))
+
+def _carries_tokens(t: Any, token_dim: int, n: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > token_dim and t.shape[token_dim] == n
+
+
+def _resized(t: torch.Tensor, token_dim: int, n: int, s: int) -> torch.Tensor:
+    """``t`` with ``s`` rows instead of ``n`` along ``token_dim``: zero padded or cut."""
+    shape = list(t.shape)
+    shape[token_dim] = s
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    k = min(n, s)
+    out.narrow(token_dim, 0, k).copy_(t.narrow(token_dim, 0, k))
+    return out

@@ -333,17 +333,21 @@ def test_two_wrappers_compile_from_two_threads():
 
 
 # ---------------------------------------------------------------------------------------- 5. CUDA-graph inputs
+def mismatch(captured, args, kwargs, n):
+    return captured.mismatch(*torch.utils._pytree.tree_flatten((args, kwargs)), n)
+
+
 def test_captured_inputs_refuse_calls_that_differ():
     x, r = torch.randn(4, 16), torch.randn(4, 16)
     captured = CapturedInputs((x,), {"residual": r, "use_cache": False}, token_dim=0, n=4, s=8)
     assert captured.token_leaf == [True, True, False]
-    assert captured.mismatch((torch.randn(6, 16),), {"residual": torch.randn(6, 16), "use_cache": False}, 6) is None
-    assert "arguments differ" in captured.mismatch((x,), {"residual": r}, 4)
-    assert "arguments differ" in captured.mismatch((x,), {"residual": r, "use_cache": False, "mask": r}, 4)
-    assert "True; False was captured" in captured.mismatch((x,), {"residual": r, "use_cache": True}, 4)
-    assert "torch.float64" in captured.mismatch((x,), {"residual": r.double(), "use_cache": False}, 4)
-    assert "shape (4, 8)" in captured.mismatch((x,), {"residual": torch.randn(4, 8), "use_cache": False}, 4)
-    assert "is a NoneType" in captured.mismatch((x,), {"residual": None, "use_cache": False}, 4)
+    assert mismatch(captured, (torch.randn(6, 16),), {"residual": torch.randn(6, 16), "use_cache": False}, 6) is None
+    assert "arguments differ" in mismatch(captured, (x,), {"residual": r}, 4)
+    assert "arguments differ" in mismatch(captured, (x,), {"residual": r, "use_cache": False, "mask": r}, 4)
+    assert "True; False was captured" in mismatch(captured, (x,), {"residual": r, "use_cache": True}, 4)
+    assert "torch.float64" in mismatch(captured, (x,), {"residual": r.double(), "use_cache": False}, 4)
+    assert "shape (4, 8)" in mismatch(captured, (x,), {"residual": torch.randn(4, 8), "use_cache": False}, 4)
+    assert "is a NoneType" in mismatch(captured, (x,), {"residual": None, "use_cache": False}, 4)
 
 
 LOGS_SCRIPT = """
