@@ -12,7 +12,7 @@ gloo + compiled norm, and the tool says so.
 
 from __future__ import annotations
 
-import dataclasses
+import csv
 import datetime
 import json
 import logging
@@ -23,39 +23,29 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rangedispatch.cli.bench import _progress
+from rangedispatch.cli import _common
 from rangedispatch.cli.app import hydra_app
 from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir, register_base_config
+from rangedispatch.tune.config import TuneConfig
 
 register_base_config()
+_common.register_section(TuneConfig)
 
 GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot",
              "symm_mem_oneshot": "symm_oneshot", "symm_mem_twoshot": "symm_twoshot"}
 CPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_reference": "reference"}
-
-
-def _register_tune_base() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from rangedispatch.tune.config import TuneConfig
-
-    ConfigStore.instance().store(name="rangedispatch_tune_base", node={"tune": dataclasses.asdict(TuneConfig())})
-
-
-_register_tune_base()
+SWEEP_FIELDS = ["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"]
 
 
 def split_config(cfg):
-    from rangedispatch.config import to_schema
-    from rangedispatch.config.build import build_dataclass
-    from rangedispatch.tune.config import TuneConfig
-
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    tune = build_dataclass(TuneConfig, data.pop("tune", {}), "tune")
-    return to_schema(data), tune
+    return _common.split_config(cfg, TuneConfig)
 
 
 def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
+    """Every rank measures (the tiers are collectives); rank 0 appends each finished series to
+    ``out_dir/sweep.csv`` as it goes, so a stopped sweep keeps what it measured."""
+    import dataclasses
+
     import torch
 
     from rangedispatch.bench import suites
@@ -64,12 +54,18 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     for name in ("rangedispatch", "torch"):
         logging.getLogger(name).setLevel(logging.WARNING)  # the progress bar is the output here
     lib, tune = split_config(OmegaConf.create(cfg_yaml))
-    tiers = GPU_TIERS if torch.cuda.is_available() else CPU_TIERS
-    if rank == 0 and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    tune = tune.for_device(cuda)
+    tiers = GPU_TIERS if cuda else CPU_TIERS
+    info = dict(card=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,
+                date=str(datetime.date.today()))
+    csv_file = _start_sweep_files(Path(tune.out_dir), info, cuda) if rank == 0 else None
+    if rank == 0 and not cuda:
         print("CPU: measuring the reference tier (gloo all-reduce + eager math in one op) against gloo + "
               "compiled norm; GPU tiers need CUDA", flush=True)
     total = tune.repeats * len(tune.fp8) * sum(len(tune.tokens(h)) for h in tune.hidden) * len(tiers)
-    step = _progress(total, rank)
+    step = _common.progress(total, rank, "tune")
     rows = []
     for repeat in range(tune.repeats):
         for hidden in tune.hidden:
@@ -77,14 +73,26 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
             sized = dataclasses.replace(lib, dispatch=dataclasses.replace(
                 lib.dispatch, max_num_tokens=max(16, *tune.tokens(hidden)), split_points=[], compile_sizes=[]))
             for fp8 in tune.fp8:
-                for r in suites.op_level(sized, hidden, tune.tokens(hidden), fp8, tune.calls_per_graph, tune.replays,
-                                         step, variants=list(tiers)):
-                    rows.append(dict(repeat=repeat, hidden=hidden, fp8=fp8, tokens=r["tokens"],
-                                     bytes=r["tokens"] * hidden * 2, tier=tiers[r["variant"]], us=r["us"]))
-    info = dict(card=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-                torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,
-                date=str(datetime.date.today()))
-    return dict(rows=rows, info=info, cuda=torch.cuda.is_available())
+                series = [dict(repeat=repeat, hidden=hidden, fp8=fp8, tokens=r["tokens"],
+                               bytes=r["tokens"] * hidden * 2, tier=tiers[r["variant"]], us=r["us"])
+                          for r in suites.op_level(sized, hidden, tune.tokens(hidden), fp8, tune.calls_per_graph,
+                                                   tune.replays, step, variants=list(tiers))]
+                rows += series
+                if csv_file is not None:
+                    csv.DictWriter(csv_file, fieldnames=SWEEP_FIELDS).writerows(series)
+                    csv_file.flush()
+    if csv_file is not None:
+        csv_file.close()
+    return dict(rows=rows, info=info, cuda=cuda)
+
+
+def _start_sweep_files(out: Path, info: dict, cuda: bool):
+    """``sweep_info.json`` now and ``sweep.csv`` with its header, open for the rows to come."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_info.json").write_text(json.dumps({**info, "cuda": cuda}, indent=1))
+    f = open(out / "sweep.csv", "w", newline="")
+    csv.DictWriter(f, fieldnames=SWEEP_FIELDS).writeheader()
+    return f
 
 
 def _version(dist_name: str) -> str:
@@ -115,7 +123,7 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
         final.symm_mem_min_bytes = max(lo for lo, _, _ in symm)
         final.symm_mem_max_bytes = min(hi for _, hi, _ in symm)
         final.symm_mem_oneshot_max_bytes = min(o for _, _, o in symm)
-    mib = lambda b: f"{b / 2**20:g} MiB"  # noqa: E731
+    mib = _common.size_text
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
              f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {swept}, "
@@ -188,13 +196,8 @@ def plot(rows: list[dict], path: Path) -> str | None:
     return None
 
 
-SWEEP_FIELDS = ["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"]
-
-
 def _load_sweep(path: Path) -> dict:
     """A recorded sweep (sweep.csv and the sweep_info.json beside it) to analyze again."""
-    import csv
-
     with open(path) as f:
         rows = [dict(repeat=int(r["repeat"]), hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]),
                      bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f)]
@@ -204,8 +207,6 @@ def _load_sweep(path: Path) -> dict:
 
 @hydra.main(config_path=str(config_dir()), config_name="tune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    import csv
-
     from rangedispatch.launch import init_from_env, spawn_ranks
     from rangedispatch.tune import profile
 
@@ -222,17 +223,13 @@ def main(cfg: DictConfig) -> None:
         result = spawn_ranks(measure_rank, tune.world_size, cfg_yaml)[0]
     out = Path(tune.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SWEEP_FIELDS)
-        w.writeheader()
-        w.writerows(result["rows"])
-    (out / "sweep_info.json").write_text(json.dumps({**result["info"], "cuda": result["cuda"]}, indent=1))
     summary, yaml_text = summarize(result, lib, tune)
     (out / "summary.md").write_text(summary)
     path = profile.write(out, tune.name, yaml_text)
     why = plot(result["rows"], out / "sweep.png")
     print(summary)
-    print(f"wrote {path}, {out}/sweep.csv, summary.md" + (f"; {why}" if why else ", sweep.png"))
+    sweep = tune.from_csv or f"{out}/sweep.csv"
+    print(f"wrote {path}, {out}/summary.md" + (f"; {why}" if why else f", {out}/sweep.png") + f"; the sweep: {sweep}")
     print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}']), or copy {path.parent} into a "
           f"folder of {PROFILE_PATH_ENV} or ~/.config/rangedispatch/ (then hardware={tune.name} and hardware=auto "
           "find it everywhere)")

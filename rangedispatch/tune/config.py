@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
 
 from rangedispatch.config.checks import check_int, check_int_list, check_str, fail
+
+MiB = 1 << 20
+# The sweep for each key left at None: the full one on GPUs; on CPU, where only the reference tier
+# exists and the numbers only show that the tool and the profile work, one that takes about 2 minutes.
+GPU_SWEEP = dict(hidden=[2048, 4096, 8192], max_bytes=64 * MiB, fp8=[False, True], repeats=2)
+CPU_SWEEP = dict(hidden=[1024, 2048], max_bytes=2 * MiB, fp8=[False], repeats=1)
 
 
 @dataclass
@@ -15,14 +23,15 @@ class TuneConfig:
     # load_config(["hardware=<name>"], config_dirs=[out_dir]) or copy it into conf/hardware/.
     name: str = "tuned"
     # Hidden sizes to sweep (bf16). The profile takes the most restrictive crossover over all of them.
-    hidden: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
+    # None: GPU_SWEEP's or CPU_SWEEP's (above), as for the next three keys.
+    hidden: Optional[list[int]] = None
     # Sweep token counts 1, 2, 4, ... up to this many bytes per rank (tokens x hidden x 2).
-    max_bytes: int = 64 * 1024 * 1024
+    max_bytes: Optional[int] = None
     # With FP8 quant after the norm, without, or both (both: the more restrictive wins).
-    fp8: list[bool] = field(default_factory=lambda: [False, True])
+    fp8: Optional[list[bool]] = None
     # Whole sweeps to run; thresholds are given per repeat (their spread is the noise) and the
     # profile takes the smallest.
-    repeats: int = 2
+    repeats: Optional[int] = None
     # Ranks to spawn when not started by torchrun. Integer >= 2.
     world_size: int = 2
     # Timing: calls per CUDA graph and replays (median).
@@ -38,17 +47,26 @@ class TuneConfig:
         check_str(f"{k}.name", self.name)
         if not self.name.replace("_", "").replace("-", "").isalnum():
             raise fail(f"{k}.name", self.name, "letters, digits, '_' and '-'")
-        self.hidden = check_int_list(f"{k}.hidden", self.hidden, lo=1)
-        if not self.hidden:
-            raise fail(f"{k}.hidden", self.hidden, "a non-empty list of hidden sizes")
-        check_int(f"{k}.max_bytes", self.max_bytes, lo=2)
-        if not isinstance(self.fp8, list) or not self.fp8 or not all(isinstance(v, bool) for v in self.fp8):
-            raise fail(f"{k}.fp8", self.fp8, "a non-empty list of true/false")
-        check_int(f"{k}.repeats", self.repeats, lo=1)
+        if self.hidden is not None:
+            self.hidden = check_int_list(f"{k}.hidden", self.hidden, lo=1)
+            if not self.hidden:
+                raise fail(f"{k}.hidden", self.hidden, "a non-empty list of hidden sizes, or null")
+        if self.max_bytes is not None:
+            check_int(f"{k}.max_bytes", self.max_bytes, lo=2)
+        if self.fp8 is not None and (not isinstance(self.fp8, list) or not self.fp8
+                                     or not all(isinstance(v, bool) for v in self.fp8)):
+            raise fail(f"{k}.fp8", self.fp8, "a non-empty list of true/false, or null")
+        if self.repeats is not None:
+            check_int(f"{k}.repeats", self.repeats, lo=1)
         check_int(f"{k}.world_size", self.world_size, lo=2)
         check_int(f"{k}.calls_per_graph", self.calls_per_graph, lo=1)
         check_int(f"{k}.replays", self.replays, lo=1)
         check_str(f"{k}.out_dir", self.out_dir)
+
+    def for_device(self, cuda: bool) -> "TuneConfig":
+        """This config with every key left at None taken from the GPU or the CPU sweep."""
+        sweep = GPU_SWEEP if cuda else CPU_SWEEP
+        return dataclasses.replace(self, **{k: v for k, v in sweep.items() if getattr(self, k) is None})
 
     def tokens(self, hidden: int) -> list[int]:
         out, n = [], 1
