@@ -1,14 +1,18 @@
 """Run a function on N local ranks with a real process group (gloo on CPU, NCCL on GPUs).
 
-Used by the demo and the tests: ``spawn_ranks(fn, 2, *args)`` starts 2 processes, initializes the
-default process group in each, calls ``fn(rank, world_size, *args)`` and returns each rank's result.
-Under ``torchrun`` (RANK/WORLD_SIZE set) use ``init_from_env`` instead.
+Used by the CLIs and the tests: ``spawn_ranks(fn, 2, *args)`` starts 2 processes with
+``torch.multiprocessing``, initializes the default process group in each, calls
+``fn(rank, world_size, *args)`` and returns each rank's result. ``torch.multiprocessing.spawn``
+alone returns nothing, so results come back through a queue that is drained while the ranks run
+(a rank blocks on a full pipe until it is read). The ranks meet through a file store in a temporary
+folder: no port to pick. Under ``torchrun`` (RANK/WORLD_SIZE set) use ``init_from_env`` instead.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import queue
+import tempfile
 import traceback
 from typing import Any, Callable, Optional
 
@@ -17,51 +21,50 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _rank_entry(rank: int, world_size: int, store: str, backend: str, fn: Callable, args: tuple, results: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
+        results.put((rank, False, traceback.format_exc()))  # in order of failure: the first is the cause
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def spawn_ranks(fn: Callable, world_size: int, *args: Any, backend: Optional[str] = None) -> list:
-    """``[fn(0, ws, *args), ..., fn(ws-1, ws, *args)]``, each in its own process."""
+    """``[fn(0, ws, *args), ..., fn(ws-1, ws, *args)]``, each in its own process. A failing rank
+    stops the others; the error names the first rank that failed, with its traceback (the others
+    usually fail after it, of a lost peer)."""
     backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
+    results_queue = mp.get_context("spawn").Queue()
     results: dict[int, Any] = {}
-    errors = []
-    for _ in procs:
-        rank, status, value = queue.get()
-        (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
-        if errors:
-            break
-    for p in procs:
-        p.join(timeout=None if not errors else 10)
-        if p.is_alive():
-            p.terminate()
-    if errors:
-        raise RuntimeError("a rank failed\n" + "\n".join(errors))
+    failures: list[str] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                rank, ok, value = results_queue.get_nowait()
+            except queue.Empty:
+                return
+            if ok:
+                results[rank] = value
+            else:
+                failures.append(f"rank {rank} failed first:\n{value}")
+
+    with tempfile.TemporaryDirectory(prefix="rangedispatch-") as folder:
+        ranks = mp.start_processes(_rank_entry, nprocs=world_size, join=False, start_method="spawn",
+                                   args=(world_size, os.path.join(folder, "store"), backend, fn, args, results_queue))
+        try:
+            while not ranks.join(timeout=0.1):
+                drain()
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            drain()
+            raise RuntimeError(failures[0] if failures else str(e)) from None
+    drain()
     return [results[r] for r in range(world_size)]
 
 

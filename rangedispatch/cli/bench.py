@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -20,50 +19,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rangedispatch.bench.config import BenchConfig
+from rangedispatch.cli import _common
 from rangedispatch.cli.app import hydra_app
 from rangedispatch.config.loader import config_dir, register_base_config
 
 register_base_config()
-
-
-def _register_bench_base() -> None:
-    """The bench section's defaults come from BenchConfig, like the library's from its schema."""
-    from hydra.core.config_store import ConfigStore
-
-    from rangedispatch.bench.config import BenchConfig
-
-    ConfigStore.instance().store(name="rangedispatch_bench_base", node={"bench": dataclasses.asdict(BenchConfig())})
-
-
-_register_bench_base()
+_common.register_section(BenchConfig)
 
 
 def split_config(cfg: DictConfig):
-    from rangedispatch.bench.config import BenchConfig
-    from rangedispatch.config import to_schema
-    from rangedispatch.config.build import build_dataclass
-
-    data = OmegaConf.to_container(cfg, resolve=True)
-    bench = build_dataclass(BenchConfig, data.pop("bench", {}), "bench")
-    return to_schema(data), bench
-
-
-def _progress(total: int, rank: int):
-    if rank != 0:
-        return lambda: None
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="timings", unit="pt")
-        return lambda: bar.update(1)
-    except ImportError:
-        done = [0]
-
-        def step() -> None:
-            done[0] += 1
-            print(f"\rtimings {done[0]}/{total}", end="", flush=True)
-
-        return step
+    return _common.split_config(cfg, BenchConfig)
 
 
 def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
@@ -80,7 +46,7 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         total += len(bench.model_shapes) * len(bench.model_tokens) * 4
     if "hf" in bench.levels:
         total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * 2
-    step = _progress(total, rank)
+    step = _common.progress(total, rank, "timings")
     rows, boundaries = [], {}
     if "op" in bench.levels:
         for hidden in bench.op_hidden:
