@@ -162,3 +162,14 @@ def test_the_cli_finds_user_profiles(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.demo", "hardware=mybox", "--cfg", "job"],
                          env=env, capture_output=True, text=True, check=True).stdout
     assert "name: mybox" in out and "fused_max_bytes: 4096" in out
+
+
+def test_a_user_profile_named_like_a_built_in_one_is_reported_and_not_used(tmp_path, monkeypatch, caplog):
+    _user_profile(tmp_path / "team", "h100")
+    monkeypatch.setenv("RANGEDISPATCH_PROFILE_PATH", str(tmp_path / "team"))
+    with caplog.at_level("WARNING", logger="rangedispatch"):
+        hw = load_config(["hardware=h100"]).hardware
+    assert hw.fused_backend == "flashinfer"  # the built-in h100, not the user's reference profile
+    assert [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()] == [
+        f"{tmp_path / 'team' / 'hardware' / 'h100.yaml'} is not used: the built-in profile 'h100' has that name; "
+        "rename the file and its 'name:'"]

@@ -38,7 +38,11 @@ SWEEP_FIELDS = ["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"]
 
 
 def split_config(cfg):
-    return _common.split_config(cfg, TuneConfig)
+    """The library config and the tune section, its sweep filled in for this machine (GPU or CPU)."""
+    import torch
+
+    lib, tune = _common.split_config(cfg, TuneConfig)
+    return lib, tune.for_device(torch.cuda.is_available())
 
 
 def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
@@ -55,7 +59,6 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)  # the progress bar is the output here
     lib, tune = split_config(OmegaConf.create(cfg_yaml))
     cuda = torch.cuda.is_available()
-    tune = tune.for_device(cuda)
     tiers = GPU_TIERS if cuda else CPU_TIERS
     info = dict(card=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,

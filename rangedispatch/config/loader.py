@@ -1,13 +1,15 @@
 """Compose the configuration with Hydra and validate it into ``RangeDispatchConfig``.
 
-Hydra's ``initialize``/``compose`` keep global state and refuse to run inside a host application that
-already initialized Hydra; clearing the host's state would break it. So the library drives Hydra's
-config loader directly: same config files, same override grammar, no global state touched.
+Only Hydra's public compose API is used. It keeps global state and refuses to run where a host
+application (its own ``@hydra.main``) already set it, so ``compose_config`` sets the host's state
+aside for the compose and puts it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -25,10 +27,14 @@ CONFIG_NAME = "config"
 BASE_CONFIG_NAME = "rangedispatch_base"
 PROFILE_PATH_ENV = "RANGEDISPATCH_PROFILE_PATH"
 
+log = logging.getLogger("rangedispatch")
+_said_shadowed: set[Path] = set()
+
 
 def user_profile_dirs() -> list[Path]:
     """Folders with user hardware profiles (``hardware/NAME.yaml``, the layout rangedispatch-tune
-    writes), searched before the built-in ones by ``load_config``, every CLI and ``hardware=auto``:
+    writes), searched after the built-in ones (a built-in name wins, and the user file is reported) by
+    ``load_config``, every CLI and ``hardware=auto``:
     ``$RANGEDISPATCH_PROFILE_PATH`` (folders separated by ``os.pathsep``), then the per-user
     ``$XDG_CONFIG_HOME/rangedispatch`` (default ``~/.config/rangedispatch``)."""
     dirs = [Path(p) for p in os.environ.get(PROFILE_PATH_ENV, "").split(os.pathsep) if p]
@@ -37,16 +43,23 @@ def user_profile_dirs() -> list[Path]:
 
 
 def _search_dirs(config_dirs: Sequence[Union[str, Path]]) -> list[Path]:
-    return [*map(Path, config_dirs), *user_profile_dirs()]
+    """The extra folders, in search order, without user profiles that a built-in name hides (said once)."""
+    dirs = [*map(Path, config_dirs), *user_profile_dirs()]
+    builtin = {p.stem for p in (config_dir() / "hardware").glob("*.yaml")}
+    for d in dirs:
+        for path in sorted((d / "hardware").glob("*.yaml")):
+            if path.stem in builtin and path not in _said_shadowed:
+                _said_shadowed.add(path)
+                log.warning("%s is not used: the built-in profile %r has that name; rename the file and its "
+                            "'name:'", path, path.stem)
+    return dirs
 
 
 def hydra_searchpath_override() -> Optional[str]:
     """``hydra.searchpath=[...]`` for the user profile folders that exist (CLIs built on
     ``hydra.main`` find ``hardware=NAME`` there too), or None."""
-    dirs = [d for d in user_profile_dirs() if (d / "hardware").is_dir()]
-    if not dirs:
-        return None
-    return "hydra.searchpath=[" + ",".join(f"file://{d.resolve()}" for d in dirs) + "]"
+    override = _searchpath_override(_search_dirs(()))
+    return override[0] if override else None
 
 
 def config_dir() -> Path:
@@ -85,24 +98,18 @@ def register_base_config() -> None:
 
 def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[str, Path]] = (),
                    config_name: str = CONFIG_NAME) -> Any:
-    """The composed ``DictConfig`` (no validation). ``config_dirs`` adds folders searched before the
-    built-in ones, e.g. one holding ``hardware/my_gpu.yaml`` written by ``rangedispatch-tune``;
+    """The composed ``DictConfig`` (no validation). ``config_dirs`` adds folders searched after the
+    built-in one, e.g. one holding ``hardware/my_gpu.yaml`` written by ``rangedispatch-tune``;
     ``config_name`` picks a tool's config (``bench``, ``tune``) instead of the library's."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
+    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     register_base_config()
-    search_path = create_config_search_path(f"file://{config_dir()}")
-    for d in reversed(_search_dirs(config_dirs)):
-        search_path.prepend("rangedispatch-user", f"file://{os.path.abspath(d)}")
-    loader = ConfigLoaderImpl(config_search_path=search_path)
+    searchpath = _searchpath_override(_search_dirs(config_dirs))
     try:
-        cfg = loader.load_configuration(
-            config_name=config_name, overrides=list(overrides), run_mode=RunMode.RUN, from_shell=False
-        )
+        with _global_hydra_set_aside(), initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name, overrides=[*searchpath, *overrides])
     except MissingConfigException as e:
         if "hardware" in str(e):
             wanted = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hardware"), "?")
@@ -113,10 +120,31 @@ def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[st
         raise ConfigError(str(e)) from None
     except HydraException as e:
         raise ConfigError(_explain_hydra_error(e)) from None
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
     OmegaConf.set_struct(cfg, False)
     return cfg
+
+
+def _searchpath_override(dirs: Sequence[Path]) -> list[str]:
+    existing = [d for d in dirs if (d / "hardware").is_dir()]
+    if not existing:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"file://{d.resolve()}" for d in existing) + "]"]
+
+
+@contextlib.contextmanager
+def _global_hydra_set_aside():
+    """Hydra's compose API needs its global state unset; a host app under ``@hydra.main`` has it
+    set. Clear it for our compose and give the host its state back."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    host = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+    GlobalHydra.instance().clear()
+    try:
+        yield
+    finally:  # (initialize_config_dir swaps the singleton on exit: look it up again)
+        GlobalHydra.instance().clear()
+        if host is not None:
+            GlobalHydra.instance().initialize(host)
 
 
 def load_config(
@@ -129,10 +157,10 @@ def load_config(
 
 
 def load_profile(name: str, config_dirs: Sequence[Union[str, Path]] = ()) -> dict:
-    """The hardware profile ``name`` as a plain mapping (user folders first, then the built-in one)."""
+    """The hardware profile ``name`` as a plain mapping (the built-in one, then user folders)."""
     from omegaconf import OmegaConf
 
-    for d in [*_search_dirs(config_dirs), config_dir()]:
+    for d in [config_dir(), *_search_dirs(config_dirs)]:
         path = d / "hardware" / f"{name}.yaml"
         if path.is_file():
             return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
