@@ -165,11 +165,13 @@ def test_tune_cli_on_cpu_measures_the_reference_tier(tmp_path):
                           "tune.max_bytes=512", "tune.repeats=1", "tune.replays=2", "tune.fp8=[false]",
                           f"tune.out_dir={tmp_path}"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "CPU: measuring the reference tier" in out and "Spread between repeats" in out
+    assert "up to 512 B per rank" in out  # sizes as people read them, not 0.000488281 MiB
     from rangedispatch.config import load_config
 
     hw = load_config(["hardware=cpubox"], config_dirs=[tmp_path]).hardware
     assert hw.name == "cpubox" and hw.fused_backend == "reference"
-    assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 3 * 2  # header + tokens 1, 2, 4 x 2 tiers
+    # written by the ranks as they measure: header + tokens 1, 2, 4 x 2 tiers
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 3 * 2
 
 
 def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
