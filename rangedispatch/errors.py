@@ -20,6 +20,3 @@ class OutOfRangeError(RangeDispatchError, ValueError):
 class NotTracedError(RangeDispatchError, RuntimeError):
     """An operation needs the traced model (ranges, graphs) but no call or warmup has traced it yet."""
 
-
-class BackendUnavailableError(RangeDispatchError, RuntimeError):
-    """A fused-op backend was asked for explicitly but cannot run here (missing package, no GPU...)."""

@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 import torch.fx
 
-from rangedispatch import match_record
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from rangedispatch.passes import GraphPass, RangePassPipeline
@@ -112,7 +111,9 @@ def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[l
     """While a range compiles, the token count's size hint is the range's end. Inductor picks kernel
     launch configs (reductions, pointwise blocks) from hints, and the traced size (often 16 tokens,
     or 1) would tune a range of thousands of tokens for the wrong size. Yields the shape guards the
-    compile added: the range's graph is called without re-checking guards, so they are reported."""
+    compile added that some size of the range breaks: the range's graph is called without re-checking
+    guards, so they are reported (an indexing bound such as ``8192*s0 <= 2**31-1`` that holds at both
+    ends of a one-symbol range holds inside it too: such guards are linear in the token count)."""
     fake_mode = torch._guards.detect_fake_mode(list(fakes)) if symbols else None
     shape_env = getattr(fake_mode, "shape_env", None)
     if shape_env is None:
@@ -130,7 +131,62 @@ def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[l
         yield added
     finally:
         hints.update(saved)
-        added += [g.expr for g in shape_env.guards[guards_before:]]
+        new = [g.expr for g in shape_env.guards[guards_before:]]
+        if len(symbols) == 1:
+            new = [g for g in new if not _holds_over(g, *symbols, r)]
+        added += new
+
+
+def _holds_over(guard: Any, sym: Any, r: Range) -> bool:
+    """True if ``guard`` (a sympy relation) holds for every token count in ``r``: an inequality
+    linear in ``sym`` that holds at both ends (anything else, e.g. ``Ne``, is not decided here)."""
+    import sympy
+
+    if not isinstance(guard, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)) or guard.free_symbols != {sym}:
+        return False
+    try:
+        if sympy.Poly(guard.lhs - guard.rhs, sym).degree() > 1:
+            return False
+    except sympy.PolynomialError:
+        return False
+    return all(bool(guard.subs(sym, n)) for n in (r.start, r.end))
+
+
+def _matches(pipeline: RangePassPipeline, code: list[str]) -> dict[str, int]:
+    """Per pass: its ``output_op`` calls in the generated code, else what it returned; -1 when
+    neither is known (a cache hit of a pass without ``output_op``)."""
+    returned = pipeline.returned or {}
+    out = {}
+    for p in pipeline.passes:
+        if p.output_op:
+            out[p.name] = sum(c.count(f"{p.output_op}(") for c in code)
+        else:
+            out[p.name] = returned.get(p.name, -1)
+    if -1 in out.values():
+        log.info("Inductor cache hit for %s: matches of %s unknown (-1); a pass that sets output_op is counted in "
+                 "the generated code", pipeline.range, ", ".join(k for k, v in out.items() if v == -1))
+    return out
+
+
+@contextlib.contextmanager
+def _generated_code() -> Iterator[list[str]]:
+    """The Python code of every graph Inductor compiles or loads from its cache inside the block,
+    through the hook Inductor calls with that code (set by ``torch._inductor.utils.run_and_get_code``)."""
+    from torch._inductor.graph import GraphLowering
+
+    code: list[str] = []
+    previous = GraphLowering.save_output_code
+
+    def keep(source: str) -> None:
+        code.append(source)
+        if previous is not None:
+            previous(source)
+
+    GraphLowering.save_output_code = keep
+    try:
+        yield code
+    finally:
+        GraphLowering.save_output_code = previous
 
 
 class _PostGradCaptured(Exception):
@@ -269,12 +325,11 @@ class GraphCache:
         patch = {"post_grad_custom_post_pass": pipeline}
         if self.policy.max_autotune_for(r):
             patch["max_autotune"] = True
-        with inductor_config.patch(patch), match_record.inductor_cache_keys() as cache_keys:
+        with inductor_config.patch(patch), _generated_code() as code:
             fn = _compile_fx(graph.gm, inputs, symbolic)
         seconds = time.perf_counter() - start
         cache_hit = counters["inductor"]["fxgraph_cache_hit"] > hits_before
-        matches = self._matches(pipeline, cache_keys[-1] if cache_keys else None)
-        return fn, CompileRecord(seconds, [p.name for p in passes], matches, cache_hit)
+        return fn, CompileRecord(seconds, [p.name for p in passes], _matches(pipeline, code), cache_hit)
 
     @staticmethod
     def post_grad_graph(graph: RangeGraph) -> Optional[torch.fx.Graph]:
@@ -293,17 +348,3 @@ class GraphCache:
                 log.info("graph %d: no post-grad graph to read collectives from (%s: %s)", graph.index,
                          type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return capture.graph
-
-    @staticmethod
-    def _matches(pipeline: RangePassPipeline, cache_key: Optional[str]) -> dict[str, int]:
-        if not pipeline.passes:
-            return {}
-        if pipeline.matches is not None:  # the passes ran in this process
-            if cache_key is not None:
-                match_record.save(cache_key, pipeline.matches)
-            return dict(pipeline.matches)
-        recorded = match_record.load(cache_key) if cache_key is not None else None
-        if recorded is None:
-            log.warning("Inductor cache hit for %s without a match record: match counts unknown (-1)", pipeline.range)
-            return {p.name: -1 for p in pipeline.passes}
-        return recorded

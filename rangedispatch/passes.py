@@ -25,6 +25,10 @@ class GraphPass:
     # True: the rewrite has no backward (a custom op without autograd), so graphs that record
     # gradients keep the original ops
     inference_only: bool = False
+    # The op each match leaves in the graph, as the generated code calls it
+    # ("torch.ops.<namespace>.<op>.default"): matches are counted in the code Inductor generates,
+    # which a cache hit hands back too (the pass itself does not run then)
+    output_op: str = ""
 
     def split_points(self, gm: torch.fx.GraphModule) -> Sequence[int]:
         """Token counts where this pass wants a range to end, read off one traced (pre-grad) graph.
@@ -35,7 +39,8 @@ class GraphPass:
         return True
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
-        """Rewrite the post-grad graph of range ``r`` in place; return how many matches were replaced."""
+        """Rewrite the post-grad graph of range ``r`` in place; return how many matches were replaced
+        (``stats()`` reports it, or counts ``output_op`` in the generated code where it is set)."""
         raise NotImplementedError
 
     def config_key(self) -> str:
@@ -51,16 +56,13 @@ class RangePassPipeline(CustomGraphPass):
         self.passes = list(passes)
         self.range = r
         self.previous = previous  # a post-grad custom pass the user had configured: still runs first
-        self.matches: Optional[dict[str, int]] = None  # filled when Inductor runs us (not on a cache hit)
+        self.returned: Optional[dict[str, int]] = None  # what the passes returned (None: a cache hit)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.previous is not None:
             self.previous(graph)
-        matches = {}
-        for p in self.passes:
-            matches[p.name] = int(p(graph, self.range) or 0)
+        self.returned = {p.name: int(p(graph, self.range) or 0) for p in self.passes}
         graph.lint()
-        self.matches = matches
 
     def uuid(self) -> Optional[Any]:
         h = hashlib.sha256(f"rangedispatch-pipeline-v1|{self.range}".encode())

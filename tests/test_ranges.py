@@ -39,3 +39,16 @@ def test_every_count_maps_to_the_range_holding_it():
         r = t.lookup(n)
         assert n in r
         assert (r == Range(7, 7)) == (n == 7)
+
+
+def test_a_shape_guard_is_reported_unless_it_holds_over_the_whole_range():
+    import sympy
+
+    from rangedispatch.graph_cache import _holds_over
+
+    s = sympy.Symbol("s0", integer=True, positive=True)
+    index_bound = sympy.Le(8192 * s, 2**31 - 1)  # Inductor's 32-bit indexing guard
+    assert _holds_over(index_bound, s, Range(1, 4096))
+    assert not _holds_over(index_bound, s, Range(1, 1 << 20))  # breaks at the range's end
+    assert not _holds_over(sympy.Ne(s, 3), s, Range(1, 8))  # holds at both ends, not at 3
+    assert not _holds_over(sympy.Le(s * s, 100), s, Range(1, 10))  # not linear: not decided

@@ -35,6 +35,7 @@ log = logging.getLogger("rangedispatch")
 class AllReduceRMSNormFusion(GraphPass):
     name = "allreduce_rmsnorm"
     inference_only = True
+    output_op = "torch.ops.rangedispatch.fused_allreduce_rmsnorm.default"
 
     def __init__(self, hardware: HardwareConfig, backend: str, max_num_tokens: int):
         import rangedispatch.fusion.op  # noqa: F401  (registers the op before any cached graph calls it)

@@ -38,6 +38,7 @@ _WAIT = torch.ops._c10d_functional.wait_tensor.default
 class SymmMemAllReduce(GraphPass):
     name = "symm_mem_allreduce"
     inference_only = True
+    output_op = "torch.ops.rangedispatch.symm_mem_all_reduce.default"
 
     def __init__(self, hardware: HardwareConfig, backend: str, max_num_tokens: int,
                  fused: Optional["AllReduceRMSNormFusion"] = None):

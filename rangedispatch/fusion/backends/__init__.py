@@ -49,10 +49,6 @@ class FusedBackend(Protocol):
         ...
 
 
-def names() -> list[str]:
-    return list(_MODULES)
-
-
 def get(name: str) -> FusedBackend:
     backend = _loaded.get(name)
     if backend is None:
