@@ -1,6 +1,6 @@
 """Per-range lazy compilation of the graphs Dynamo hands to our backend.
 
-Dynamo traces the model with the token dimensions symbolic and calls ``GraphCache.backend`` for
+Dynamo traces the model with the token dimensions symbolic and calls ``RangeCompiler.backend`` for
 every graph it produces (one per graph break, one per guard set: a call with a size-1 token dim, a
 new keyword argument or a new dtype gets a graph of its own). Each becomes a ``RangeGraph``: a
 callable that Dynamo runs in place of the graph, which reads the range of the current forward call
@@ -218,9 +218,9 @@ class CallState:
 class RangeGraph:
     """One Dynamo graph and its compiled artifact per range."""
 
-    def __init__(self, cache: "GraphCache", index: int, gm: torch.fx.GraphModule, traced_at: Optional[int]):
-        self.cache = cache
-        self.state = cache.state
+    def __init__(self, compiler: "RangeCompiler", index: int, gm: torch.fx.GraphModule, traced_at: Optional[int]):
+        self.compiler = compiler
+        self.state = compiler.state
         self.index = index
         self.gm = gm
         self.traced_at = traced_at  # token count of the call that traced it
@@ -268,13 +268,13 @@ class RangeGraph:
                 inputs = self.fakes
             symbolic = inputs is self.fakes
             with _range_size_hint(self.fakes, self.symbols if symbolic else set(), r) as new_guards:
-                fn, record = self.cache.compile_graph(self, inputs, r, symbolic=symbolic)
+                fn, record = self.compiler.compile_graph(self, inputs, r, symbolic=symbolic)
             if new_guards:
                 log.warning("compiling graph %d for %s added shape guards that no call checks: %s", self.index, r,
                             ", ".join(map(str, new_guards)))
             self.records[r] = record
             self.artifacts[r] = fn
-            name = f"graph {self.index} " if len(self.cache.graphs) > 1 else ""
+            name = f"graph {self.index} " if len(self.compiler.graphs) > 1 else ""
             log.info(
                 "compiled %s%s in %.1f s%s, passes: %s, matches: %s",
                 name, r, record.seconds, " (Inductor cache hit)" if record.cache_hit else "",
@@ -283,8 +283,9 @@ class RangeGraph:
             return fn
 
 
-class GraphCache:
-    """Every graph of one wrapped model, the Dynamo backend that collects them, and the compiler."""
+class RangeCompiler:
+    """The Dynamo backend that collects every graph of one wrapped model, and the compiler of their
+    ranges (with the passes that apply to each)."""
 
     def __init__(self, policy: CompilePolicy, on_new_graph: Callable[[torch.fx.GraphModule], None],
                  tokens_now: Callable[[], Optional[int]]):

@@ -11,6 +11,15 @@ import os
 ENV = "RANGEDISPATCH_LOGS"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _configured = False
+_said: set[str] = set()
+log = logging.getLogger("rangedispatch")
+
+
+def warn_once(message: str) -> None:
+    """A fallback in an op (called on every step) is said once per process and reason."""
+    if message not in _said:
+        _said.add(message)
+        log.warning("%s", message)
 
 
 def configure_from_env() -> None:

@@ -24,7 +24,7 @@ from rangedispatch import dynamic_dims, guardless, hosts, logs
 from rangedispatch.config import RangeDispatchConfig, load_config, to_schema
 from rangedispatch.cudagraphs import CudaGraphRunner, resize_tokens
 from rangedispatch.errors import ConfigError, NotTracedError, OutOfRangeError
-from rangedispatch.graph_cache import CompilePolicy, GraphCache, compile_lock
+from rangedispatch.graph_cache import CompilePolicy, RangeCompiler, compile_lock
 from rangedispatch.passes import GraphPass
 from rangedispatch.ranges import Range, RangeTable
 from rangedispatch.token_count import TokenCounter
@@ -56,8 +56,8 @@ class RangeCompiledModule(nn.Module):
         self._extra_sizes: list[int] = []
         self._warned: set[str] = set()
         policy = CompilePolicy(passes_for=self._passes_for, max_autotune_for=self._max_autotune_for)
-        self._graphs = GraphCache(policy, on_new_graph=self._on_new_graph, tokens_now=self._pending_tokens)
-        self._state = self._graphs.state
+        self._compiler = RangeCompiler(policy, on_new_graph=self._on_new_graph, tokens_now=self._pending_tokens)
+        self._state = self._compiler.state
         self._lock = compile_lock()
         self._cudagraphs: Optional[CudaGraphRunner] = None
         self._guard_free: Optional[_GuardFree] = None
@@ -67,7 +67,7 @@ class RangeCompiledModule(nn.Module):
         # submodule: the state dict stays that of `module`. dynamic=False: only the token dims that
         # dynamic_dims marks are symbolic; a symbolic hidden size would disable fusion.
         self._entry, self._entry_codes = guardless.make_entry(self, model)
-        object.__setattr__(self, "_compiled", torch.compile(self._entry, backend=self._graphs.backend, dynamic=False))
+        object.__setattr__(self, "_compiled", torch.compile(self._entry, backend=self._compiler.backend, dynamic=False))
         dynamic_dims.install()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -159,7 +159,7 @@ class RangeCompiledModule(nn.Module):
             if size_one:
                 self(*args, **kwargs)
         for r in self._table.ranges:
-            for g in self._graphs.graphs:
+            for g in self._compiler.graphs:
                 if not g.is_symbolic and g.traced_at is not None and g.traced_at not in r:
                     continue  # a static graph only ever runs at the size it was traced at
                 g.compile(r)
@@ -235,10 +235,10 @@ class RangeCompiledModule(nn.Module):
         """The guarded path; the first such call that traces one whole graph for token dims >= 2
         gives the guard-free path its bytecode and the signature calls must match to use it."""
         guard_free = self._guard_free
-        codes, graphs = len(self._entry_codes), len(self._graphs.graphs)
+        codes, graphs = len(self._entry_codes), len(self._compiler.graphs)
         out = self._run_guarded(r, x, args, kwargs)
         if guard_free.signature is None and guard_free.reason is None:
-            new_codes, new_graphs = self._entry_codes[codes:], self._graphs.graphs[graphs:]
+            new_codes, new_graphs = self._entry_codes[codes:], self._compiler.graphs[graphs:]
             if len(new_codes) == 1 and len(new_graphs) == 1:
                 forward = guardless.guardless_forward(self._entry, new_codes[0])
                 signature = guardless.CallSignature(x, self._counter.dims, args, kwargs, self._model)
@@ -319,7 +319,7 @@ class RangeCompiledModule(nn.Module):
     def graphs(self) -> list:
         """The graphs Dynamo produced, each a ``RangeGraph``: one per graph break and one per guard
         set (a size-1 token dim, other keyword arguments, other dtypes)."""
-        return list(self._graphs.graphs)
+        return list(self._compiler.graphs)
 
     def range_for(self, num_tokens: int) -> Optional[Range]:
         if self._table is None:
@@ -333,7 +333,7 @@ class RangeCompiledModule(nn.Module):
         ranges = table.ranges if table is not None else self.ranges
         out = {}
         for r in ranges:
-            records = [g.records[r] for g in self._graphs.graphs if r in g.records]
+            records = [g.records[r] for g in self._compiler.graphs if r in g.records]
             matches: dict[str, int] = {}
             for rec in records:
                 for name, count in rec.matches.items():

@@ -23,7 +23,7 @@ def test_flashinfer_site_checks_without_importing_flashinfer():
 def _fallback(rank, world):
     import logging
 
-    import rangedispatch.fusion.op  # noqa: F401
+    import rangedispatch.fusion.allreduce_rmsnorm_op  # noqa: F401
     from rangedispatch.fusion.numerics import rms_norm
 
     records = []

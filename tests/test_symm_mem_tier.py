@@ -84,7 +84,7 @@ def test_symm_mem_off_leaves_the_middle_to_the_process_group(tiers):
 
 
 def _fallback(rank, world, caplog_level):
-    from rangedispatch.fusion.symm_mem import symm_mem_all_reduce
+    from rangedispatch.fusion.symm_mem_op import symm_mem_all_reduce
 
     records = []
     handler = logging.Handler()

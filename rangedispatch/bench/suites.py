@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from rangedispatch.bench.timing import time_us
 from rangedispatch.bench.units import AllReduceNorm
-from rangedispatch.config.schema import FusionConfig, FusionThresholds, RangeDispatchConfig
+from rangedispatch.config.schema import FusionConfig, TierThresholds, RangeDispatchConfig
 from rangedispatch.models import TPMLPBlock
 from rangedispatch.wrapper import RangeCompiledModule
 
@@ -33,7 +33,7 @@ def with_fusion(cfg: RangeDispatchConfig, world: int, fused: Optional[int], ones
                                                  if p < (max_num_tokens or cfg.dispatch.max_num_tokens)])
     if fused is None:
         return dataclasses.replace(cfg, dispatch=dispatch, fusion=dataclasses.replace(cfg.fusion, enabled=False))
-    thresholds = {**cfg.hardware.thresholds, str(world): FusionThresholds(fused, fused if oneshot is None else oneshot)}
+    thresholds = {**cfg.hardware.thresholds, str(world): TierThresholds(fused, fused if oneshot is None else oneshot)}
     hardware = dataclasses.replace(cfg.hardware, thresholds=thresholds)
     return dataclasses.replace(cfg, dispatch=dispatch, hardware=hardware,
                                fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
@@ -41,7 +41,7 @@ def with_fusion(cfg: RangeDispatchConfig, world: int, fused: Optional[int], ones
 
 def with_symm_mem(cfg: RangeDispatchConfig, world: int, oneshot: int) -> RangeDispatchConfig:
     """``cfg`` with no fusion and the symmetric-memory tier at every size (one-shot up to ``oneshot``)."""
-    t = FusionThresholds(0, 0, symm_mem_max_bytes=EVERYWHERE, symm_mem_oneshot_max_bytes=oneshot)
+    t = TierThresholds(0, 0, symm_mem_max_bytes=EVERYWHERE, symm_mem_oneshot_max_bytes=oneshot)
     hardware = dataclasses.replace(cfg.hardware, thresholds={**cfg.hardware.thresholds, str(world): t})
     return dataclasses.replace(cfg, hardware=hardware, fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
 

@@ -5,12 +5,12 @@ from rangedispatch.config.schema import (
     CompileConfig,
     DispatchConfig,
     FusionConfig,
-    FusionThresholds,
+    TierThresholds,
     HardwareConfig,
     RangeDispatchConfig,
 )
 
 __all__ = [
-    "CompileConfig", "DispatchConfig", "FusionConfig", "FusionThresholds", "HardwareConfig",
+    "CompileConfig", "DispatchConfig", "FusionConfig", "TierThresholds", "HardwareConfig",
     "RangeDispatchConfig", "compose_config", "config_dir", "hardware_profiles", "load_config", "to_schema",
 ]

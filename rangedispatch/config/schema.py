@@ -137,7 +137,7 @@ class FusionConfig:
 
 
 @dataclass
-class FusionThresholds:
+class TierThresholds:
     """Where each all-reduce tier pays, in bytes of one rank's all-reduce input (tokens x hidden x
     dtype size), for one world size."""
 
@@ -176,7 +176,7 @@ class HardwareConfig:
     device_name: str = ""
     # Thresholds per world size: keys are world sizes as strings ("2", "4", "8") or "default" for
     # any world size not listed.
-    thresholds: dict[str, FusionThresholds] = field(default_factory=lambda: {"default": FusionThresholds()})
+    thresholds: dict[str, TierThresholds] = field(default_factory=lambda: {"default": TierThresholds()})
 
     def __post_init__(self) -> None:
         k = self.SECTION
@@ -192,10 +192,10 @@ class HardwareConfig:
             if ws != "default" and not (ws.isdigit() and int(ws) >= 1):
                 raise fail(f"{k}.thresholds.{ws}", ws, "a world size (integer >= 1) or 'default' as key")
             if isinstance(t, dict):
-                t = FusionThresholds(**t)
-            if not isinstance(t, FusionThresholds):
+                t = TierThresholds(**t)
+            if not isinstance(t, TierThresholds):
                 raise fail(f"{k}.thresholds.{ws}", t,
-                           f"a mapping with {', '.join(f.name for f in fields(FusionThresholds))}")
+                           f"a mapping with {', '.join(f.name for f in fields(TierThresholds))}")
             check_int(f"{k}.thresholds.{ws}.fused_max_bytes", t.fused_max_bytes, lo=0)
             for name in ("oneshot_max_bytes", "symm_mem_min_bytes", "symm_mem_max_bytes", "symm_mem_oneshot_max_bytes"):
                 check_int(f"{k}.thresholds.{ws}.{name}", getattr(t, name), lo=0)
@@ -215,9 +215,9 @@ class HardwareConfig:
             normalized[ws] = t
         self.thresholds = normalized
 
-    def thresholds_for(self, world_size: int) -> FusionThresholds:
+    def thresholds_for(self, world_size: int) -> TierThresholds:
         """The thresholds for ``world_size``; a profile without that size nor a default never fuses."""
-        return self.thresholds.get(str(world_size)) or self.thresholds.get("default") or FusionThresholds()
+        return self.thresholds.get(str(world_size)) or self.thresholds.get("default") or TierThresholds()
 
 
 @dataclass

@@ -1,6 +1,14 @@
-"""All-reduce + residual + RMSNorm (+ FP8 quant) fusion: the pass, its matcher, the fused op and its
-backends; and the symmetric-memory all-reduce tier above the fused sizes. Nothing here imports
-FlashInfer; only its backend does, lazily."""
+"""The all-reduce tiers: all-reduce + residual + RMSNorm (+ FP8 quant) fused into one kernel for
+small sizes, symmetric memory above them, NCCL beyond.
+
+- ``tier_plan.py``: which token counts each tier takes, per all-reduce site, from the profile;
+- ``allreduce_rmsnorm_pass.py`` / ``allreduce_rmsnorm_op.py``: the fusion pass (with ``matcher.py``)
+  and the op it puts in the graph, whose kernels come from ``backends/``;
+- ``symm_mem_pass.py`` / ``symm_mem_op.py``: the symmetric-memory pass and its op;
+- ``sites.py``: the all-reduces of a traced graph; ``numerics.py``: the reference math.
+
+Nothing here imports FlashInfer; only its backend does, lazily.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +20,16 @@ if TYPE_CHECKING:
 
 
 def build_fusion_passes(cfg: "RangeDispatchConfig") -> list["GraphPass"]:
-    """The fusion pass, then (if on) the symmetric-memory tier for the sizes above it."""
-    from rangedispatch.fusion.allreduce_rmsnorm import AllReduceRMSNormFusion
+    """The fusion pass, then (if on) the symmetric-memory pass, sharing one tier plan."""
+    from rangedispatch.fusion.allreduce_rmsnorm_pass import AllReduceRMSNormFusion
+    from rangedispatch.fusion.tier_plan import TierPlan
 
     backend = cfg.hardware.fused_backend if cfg.fusion.backend == "auto" else cfg.fusion.backend
-    fused = AllReduceRMSNormFusion(cfg.hardware, backend, cfg.dispatch.max_num_tokens)
-    if not cfg.fusion.symm_mem:
-        return [fused]
-    from rangedispatch.fusion.symm_mem_tier import SymmMemAllReduce
+    symm_backend = None if not cfg.fusion.symm_mem else "reference" if backend == "reference" else "symm_mem"
+    plan = TierPlan(cfg.hardware, backend, symm_backend, cfg.dispatch.max_num_tokens)
+    passes: list["GraphPass"] = [AllReduceRMSNormFusion(plan)]
+    if symm_backend is not None:
+        from rangedispatch.fusion.symm_mem_pass import SymmMemAllReduce
 
-    symm_backend = "reference" if backend == "reference" else "symm_mem"
-    return [fused, SymmMemAllReduce(cfg.hardware, symm_backend, cfg.dispatch.max_num_tokens, fused)]
+        passes.append(SymmMemAllReduce(plan))
+    return passes

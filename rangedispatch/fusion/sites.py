@@ -34,10 +34,15 @@ class AllReduceSite:
         return (self.group_name, self.bytes_per_token)
 
 
-def group_size(group_name: str) -> int:
+def process_group(group_name: str) -> "torch.distributed.ProcessGroup":
+    """The process group a traced collective names (functional collectives carry names)."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(group_name).size()
+    return _resolve_process_group(group_name)
+
+
+def group_size(group_name: str) -> int:
+    return process_group(group_name).size()
 
 
 VECTOR_BYTES = 16  # the GPU kernels move rows in 16-byte vectors

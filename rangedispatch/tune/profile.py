@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rangedispatch.config.schema import FusionThresholds, HardwareConfig
+from rangedispatch.config.schema import TierThresholds, HardwareConfig
 from rangedispatch.tune.crossover import Thresholds
 
 
@@ -19,7 +19,7 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
     lines.append("thresholds:")
     entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
     order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))
-    as_profile = FusionThresholds(
+    as_profile = TierThresholds(
         measured.fused_max_bytes, measured.oneshot_max_bytes, {str(h): b for h, b in sorted(measured.by_hidden.items())},
         measured.symm_mem_min_bytes, measured.symm_mem_max_bytes, measured.symm_mem_oneshot_max_bytes)
     lines += [f'  "{world_size}":  # measured', *_entry(as_profile)]
@@ -29,7 +29,7 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
     return "\n".join(lines) + "\n"
 
 
-def _entry(t: FusionThresholds) -> list[str]:
+def _entry(t: TierThresholds) -> list[str]:
     lines = [f"    fused_max_bytes: {t.fused_max_bytes}", f"    oneshot_max_bytes: {t.oneshot_max_bytes}"]
     if t.fused_max_bytes_by_hidden:
         lines.append("    fused_max_bytes_by_hidden:")

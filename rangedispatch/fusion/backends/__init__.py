@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import importlib
-import logging
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
 
-log = logging.getLogger("rangedispatch")
+from rangedispatch.logs import warn_once
 
 # name -> module defining BACKEND; modules import lazily (flashinfer only when asked for)
 _MODULES = {
@@ -18,12 +17,11 @@ _MODULES = {
     "flashinfer": "rangedispatch.fusion.backends.flashinfer",
 }
 _loaded: dict[str, "FusedBackend"] = {}
-_warned: set[str] = set()
 
 
 @dataclass
 class FusedCall:
-    """The arguments of one fused op call (see ``rangedispatch.fusion.op``)."""
+    """The arguments of one fused op call (see ``rangedispatch.fusion.allreduce_rmsnorm_op``)."""
 
     input: torch.Tensor
     residual: Optional[torch.Tensor]
@@ -67,9 +65,7 @@ def run_fused(name: str, call: FusedCall) -> tuple[torch.Tensor, torch.Tensor]:
     if name != "reference":
         reason = backend.unsupported(call)
         if reason is not None:
-            if reason not in _warned:
-                _warned.add(reason)
-                log.warning("fused backend %s falls back to reference: %s", name, reason)
+            warn_once(f"fused backend {name} falls back to reference: {reason}")
             backend = get("reference")
     return backend.run(call)
 

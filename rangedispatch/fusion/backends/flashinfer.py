@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from rangedispatch.fusion.backends import FusedCall
-from rangedispatch.fusion.sites import gpu_row_unsupported
+from rangedispatch.fusion.sites import gpu_row_unsupported, process_group
 
 log = logging.getLogger("rangedispatch")
 
@@ -53,7 +53,7 @@ class FlashInferBackend:
 
     def unsupported(self, call: FusedCall) -> Optional[str]:
         x = call.input
-        reason = self.site_unsupported(x.device, x.dtype, x.shape[-1], _group(call.group_name).size())
+        reason = self.site_unsupported(x.device, x.dtype, x.shape[-1], process_group(call.group_name).size())
         if reason is None and self._flashinfer() is None:
             reason = self._import_error
         return reason
@@ -63,7 +63,7 @@ class FlashInferBackend:
         key = (call.group_name, hidden, x.dtype, x.device)
         ws = self._workspaces.get(key)
         if ws is None:
-            group = _group(call.group_name)
+            group = process_group(call.group_name)
             max_tokens = max(call.max_tokens, x.numel() // hidden)
             ws = self._comm.create_allreduce_fusion_workspace(
                 backend="trtllm", world_size=group.size(), rank=group.rank(), max_token_num=max_tokens,
@@ -116,12 +116,6 @@ class FlashInferBackend:
             except Exception as e:  # at exit: report, never raise
                 log.debug("flashinfer workspace destroy failed: %s", e)
         self._workspaces.clear()
-
-
-def _group(group_name: str) -> Any:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(group_name)
 
 
 BACKEND = FlashInferBackend()

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from rangedispatch.logs import warn_once
+
 log = logging.getLogger("rangedispatch")
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
@@ -62,7 +64,6 @@ class SymmMemBuffers:
 
 
 BUFFERS = SymmMemBuffers()
-_warned: set[str] = set()
 
 
 def _call_unsupported(input: torch.Tensor, group_name: str) -> Optional[str]:
@@ -70,12 +71,6 @@ def _call_unsupported(input: torch.Tensor, group_name: str) -> Optional[str]:
 
     return site_unsupported("symm_mem", input.device, input.dtype, input.shape[-1] if input.dim() else 0,
                             group_size(group_name))
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("symm_mem all-reduce falls back to the process group: %s", reason)
 
 
 def _process_group_all_reduce(input: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -118,7 +113,7 @@ def symm_mem_all_reduce(input: torch.Tensor, group_name: str, backend: str, ones
                 if torch.cuda.is_current_stream_capturing():
                     raise
                 reason = f"{type(e).__name__}: {e}"
-        _warn_once(reason)
+        warn_once(f"symm_mem all-reduce falls back to the process group: {reason}")
     return _process_group_all_reduce(input, group_name)
 
 

@@ -1,0 +1,155 @@
+"""One tier plan per wrapped model: for each all-reduce site of its traced graphs, the token counts
+the fused kernel takes, those symmetric memory takes, and the rest, which stay with NCCL.
+
+Both tier passes read the plan rather than deciding for themselves. The sites of a graph are
+scanned once, every reason a tier cannot serve a site is checked (and said) once per site, and the
+symmetric-memory tier starts after the fused one whatever order the passes run in.
+
+Per site (process group x bytes per token), from the hardware profile at the group's world size::
+
+    fused:  1 .. fused_max_bytes(hidden) // bytes_per_token tokens       (0: never)
+    symm:   ceil(symm_mem_min_bytes / bpt) .. symm_mem_max_bytes // bpt  (None: never)
+
+A range runs one tier for all of its sites, so the model's spans are the most restrictive ones:
+fused ranges end at the smallest fused limit (a site that cannot be fused turns fusion off); the
+symmetric-memory ranges lie after that and inside the span of every site that can use the tier
+(the others stay with NCCL there). Split points at the span ends make each range fall in one tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx
+
+from rangedispatch.config.schema import HardwareConfig
+from rangedispatch.fusion.sites import AllReduceSite, all_reduce_sites, collective_counts, peer_memory_unsupported
+from rangedispatch.ranges import Range
+
+log = logging.getLogger("rangedispatch")
+
+
+@dataclass(frozen=True)
+class SiteTiers:
+    """What the profile and the backends allow for one site."""
+
+    site: AllReduceSite
+    fused_tokens: int  # fused up to this many tokens; 0: never
+    symm_tokens: Optional[tuple[int, int]]  # where symmetric memory pays; None: never
+
+
+class TierPlan:
+    """The tiers of every all-reduce site one wrapped model traced. ``symm_backend`` None: the
+    symmetric-memory tier is off (``fusion.symm_mem=false``)."""
+
+    def __init__(self, hardware: HardwareConfig, fused_backend: str, symm_backend: Optional[str], max_num_tokens: int):
+        self.hardware = hardware
+        self.fused_backend = fused_backend
+        self.symm_backend = symm_backend
+        self.max_num_tokens = max_num_tokens
+        self.sites: dict[tuple[str, int], SiteTiers] = {}
+        self._observed: set[int] = set()
+        self._said_no_all_reduce = False
+
+    # -- reading traced graphs ---------------------------------------------------------------
+    def observe(self, gm: torch.fx.GraphModule) -> None:
+        """Add the sites of a traced graph (each graph once, each site decided once)."""
+        if id(gm) in self._observed:
+            return
+        self._observed.add(id(gm))
+        sites = list(all_reduce_sites(gm))
+        if not sites:
+            self._say_no_all_reduce(gm)
+        for site in sites:
+            if site.key not in self.sites:
+                self.sites[site.key] = SiteTiers(site, self._fused_tokens(site), self._symm_tokens(site))
+
+    def _fused_tokens(self, site: AllReduceSite) -> int:
+        from rangedispatch.fusion import backends
+
+        if site.world_size < 2:
+            reason = f"world size {site.world_size} has nothing to all-reduce across"
+        else:
+            reason = peer_memory_unsupported(site) or backends.get(self.fused_backend).site_unsupported(
+                site.device, site.dtype, site.hidden, site.world_size)
+        if reason is not None:
+            log.info("fusion off for all-reduce %s: %s", site.node, reason)
+            return 0
+        max_bytes = self.hardware.thresholds_for(site.world_size).fused_max_bytes_for(site.hidden)
+        limit = max_bytes // site.bytes_per_token
+        log.info("fusion pays up to %d tokens for group %s (world size %d, hidden %d, %d bytes/token, hardware %s: "
+                 "%d bytes)", limit, site.group_name, site.world_size, site.hidden, site.bytes_per_token,
+                 self.hardware.name, max_bytes)
+        return limit
+
+    def _symm_tokens(self, site: AllReduceSite) -> Optional[tuple[int, int]]:
+        t = self.hardware.thresholds_for(site.world_size)
+        if self.symm_backend is None or not t.symm_mem_max_bytes:
+            return None
+        from rangedispatch.fusion.symm_mem_op import site_unsupported
+
+        reason = peer_memory_unsupported(site) or site_unsupported(
+            self.symm_backend, site.device, site.dtype, site.hidden, site.world_size)
+        if reason is not None:
+            log.info("symm_mem tier off for all-reduce %s: %s", site.node, reason)
+            return None
+        bpt = site.bytes_per_token
+        lo, hi = max(1, -(-t.symm_mem_min_bytes // bpt)), t.symm_mem_max_bytes // bpt
+        log.info("symm_mem tier for %d..%d tokens of group %s (world size %d, %d bytes/token, hardware %s: %d..%d "
+                 "bytes)", lo, hi, site.group_name, site.world_size, bpt, self.hardware.name, t.symm_mem_min_bytes,
+                 t.symm_mem_max_bytes)
+        return (lo, hi) if lo <= hi else None
+
+    def _say_no_all_reduce(self, gm: torch.fx.GraphModule) -> None:
+        import torch.distributed as dist
+
+        if self._said_no_all_reduce or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        self._said_no_all_reduce = True
+        counts = collective_counts(gm)
+        seen = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none"
+        note = ("; reduce-scatter sites (sequence parallelism) are not fused: their norm runs on a token shard"
+                if any("reduce_scatter" in k for k in counts) else "")
+        log.info("no all-reduce in a graph of this model (running on %d ranks): nothing to fuse; collectives: %s%s",
+                 dist.get_world_size(), seen, note)
+
+    # -- the spans ---------------------------------------------------------------------------
+    @property
+    def fused_end(self) -> int:
+        """Ranges ending at or below this are fused; 0: none (no sites yet, or one cannot be fused)."""
+        if not self.sites:
+            return 0
+        return min(self.max_num_tokens, *(s.fused_tokens for s in self.sites.values()))
+
+    @property
+    def symm_span(self) -> Optional[tuple[int, int]]:
+        """``[first, last]``: ranges inside it use symmetric memory; None: no such range."""
+        spans = [s.symm_tokens for s in self.sites.values() if s.symm_tokens is not None]
+        if not spans:
+            return None
+        first = max(self.fused_end + 1, *(lo for lo, _ in spans))
+        last = min(self.max_num_tokens, *(hi for _, hi in spans))
+        return (first, last) if first <= last else None
+
+    def fuses(self, r: Range) -> bool:
+        return r.end <= self.fused_end
+
+    def symm_covers(self, r: Range) -> bool:
+        span = self.symm_span
+        return span is not None and span[0] <= r.start and r.end <= span[1]
+
+    def symm_serves(self, group_name: str, dtype: torch.dtype, hidden: int) -> bool:
+        """Whether the all-reduce of a compiled graph (group, dtype, row size) is a site the
+        symmetric-memory tier serves."""
+        return any(s.symm_tokens is not None and s.site.group_name == group_name and s.site.dtype == dtype
+                   and s.site.hidden == hidden for s in self.sites.values())
+
+    def key(self) -> str:
+        """Everything that changes the rewritten graphs: thresholds, backends and the spans."""
+        t = sorted((k, dataclasses.astuple(v)) for k, v in self.hardware.thresholds.items())
+        return (f"{self.hardware.name}|{t}|{self.fused_backend}|{self.symm_backend}|fused<={self.fused_end}"
+                f"|symm={self.symm_span}")
