@@ -3,7 +3,7 @@ the per-call fallback to the reference backend, warned once."""
 
 import torch
 
-from rangedispatch.launch import spawn_ranks
+from rangedispatch.cli.launch import spawn_ranks
 
 
 def test_flashinfer_site_checks_without_importing_flashinfer():

@@ -6,7 +6,7 @@ One spawn runs the whole matrix (process start and compile dominate); the tests 
 import pytest
 import torch
 
-from rangedispatch.launch import spawn_ranks
+from rangedispatch.cli.launch import spawn_ranks
 
 HIDDEN = 64
 CASES = [(form, residual, fp8, "bfloat16") for form in ("llama", "functional", "module", "gemma")
@@ -30,7 +30,7 @@ def _matrix(rank, world, cases):
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from helpers import CensusPass
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     torch.set_num_threads(1)
     # Every graph compiled here, so the census pass sees it ('module' and 'functional' give the same
@@ -81,7 +81,7 @@ def test_fused_below_threshold_unfused_above_and_equal_to_eager(matrix, case):
 
 def _refusals(rank, world):
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     torch.manual_seed(0)
     out = {}
@@ -149,7 +149,7 @@ def test_patterns_that_must_not_match_keep_eager_numerics():
 
 def _first_call_one_token(rank, world):
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_first_call_of_one_token_keeps_the_fusion_threshold():
 
 def _grad_modes(rank, world):
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     torch.set_num_threads(1)
     out = {}
@@ -211,7 +211,7 @@ def _two_hosts(rank, world):
     import socket
 
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     socket.gethostname = lambda: f"host-{rank}"  # each rank on a host of its own
     records = []

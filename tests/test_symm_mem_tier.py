@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from rangedispatch.launch import spawn_ranks
+from rangedispatch.cli.launch import spawn_ranks
 
 HIDDEN = 64  # bf16: 128 bytes per token
 TIERS = ["hardware=cpu", "dispatch.max_num_tokens=4096", "dispatch.split_points=[8]",
@@ -21,7 +21,7 @@ def _tiers(rank, world):
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from helpers import CensusPass
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     torch.set_num_threads(1)
     torch._inductor.config.fx_graph_cache = False  # the census pass must see every graph

@@ -128,7 +128,7 @@ def _ranges_with_profile(rank, world, config_dir):
     import torch
 
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     model = TPMLPBlock(hidden=64, intermediate=128, dtype=torch.bfloat16)
     out = {}
@@ -142,7 +142,7 @@ def _ranges_with_profile(rank, world, config_dir):
 
 def test_tuned_profile_loads_and_moves_the_ranges(tmp_path):
     from rangedispatch.config import load_config
-    from rangedispatch.launch import spawn_ranks
+    from rangedispatch.cli.launch import spawn_ranks
     from rangedispatch.tune import crossover, profile
 
     base = load_config(["hardware=cpu"]).hardware

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from rangedispatch.bench.timing import time_us
 from rangedispatch.bench.units import AllReduceNorm
 from rangedispatch.config.schema import FusionConfig, TierThresholds, RangeDispatchConfig
-from rangedispatch.models import TPMLPBlock
+from rangedispatch.bench.models import TPMLPBlock
 from rangedispatch.wrapper import RangeCompiledModule
 
 EVERYWHERE = 1 << 40  # bytes: "always fuse"

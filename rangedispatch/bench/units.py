@@ -15,7 +15,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from rangedispatch.fusion.numerics import quantize_fp8
-from rangedispatch.models import RMSNormForm
+from rangedispatch.bench.models import RMSNormForm
 
 
 class AllReduceNorm(nn.Module):

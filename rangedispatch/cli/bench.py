@@ -72,7 +72,7 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
 @hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from rangedispatch.bench import report
-    from rangedispatch.launch import init_from_env, spawn_ranks
+    from rangedispatch.cli.launch import init_from_env, spawn_ranks
 
     import torch
 

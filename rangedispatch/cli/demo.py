@@ -25,7 +25,7 @@ def _rank_main(rank: int, world_size: int, cfg_yaml: str) -> list:
     import torch
 
     from rangedispatch import RangeCompiledModule
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[rank0] %(message)s")
     torch.set_num_threads(1)
@@ -53,7 +53,7 @@ def _rank_main(rank: int, world_size: int, cfg_yaml: str) -> list:
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rangedispatch.launch import spawn_ranks
+    from rangedispatch.cli.launch import spawn_ranks
 
     to_schema(cfg)  # fail here, with the key named, before spawning
     rows = spawn_ranks(_rank_main, 2, OmegaConf.to_yaml(cfg), backend="gloo")[0]

@@ -210,7 +210,7 @@ def _load_sweep(path: Path) -> dict:
 
 @hydra.main(config_path=str(config_dir()), config_name="tune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from rangedispatch.launch import init_from_env, spawn_ranks
+    from rangedispatch.cli.launch import init_from_env, spawn_ranks
     from rangedispatch.tune import profile
 
     lib, tune = split_config(cfg)

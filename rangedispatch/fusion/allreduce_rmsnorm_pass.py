@@ -14,24 +14,18 @@ import operator
 import torch
 import torch.fx
 
+from rangedispatch.fusion.allreduce_rmsnorm_op import FUSED_OP
 from rangedispatch.fusion.matcher import FusionMatch, find_matches
-from rangedispatch.fusion.sites import group_size, source_digest
-from rangedispatch.fusion.tier_plan import TierPlan
-from rangedispatch.passes import GraphPass
+from rangedispatch.fusion.sites import group_size
+from rangedispatch.fusion.tier_plan import TierPass
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
 
 
-class AllReduceRMSNormFusion(GraphPass):
+class AllReduceRMSNormFusion(TierPass):
     name = "allreduce_rmsnorm"
-    inference_only = True
     output_op = "torch.ops.rangedispatch.fused_allreduce_rmsnorm.default"
-
-    def __init__(self, plan: TierPlan):
-        import rangedispatch.fusion.allreduce_rmsnorm_op  # noqa: F401  (registers the op before any cached graph calls it)
-
-        self.plan = plan
 
     def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
         self.plan.observe(gm)
@@ -59,8 +53,6 @@ class AllReduceRMSNormFusion(GraphPass):
         return fused
 
     def _replace(self, graph: torch.fx.Graph, m: FusionMatch) -> bool:
-        from rangedispatch.fusion.allreduce_rmsnorm_op import FUSED_OP
-
         order = {n: i for i, n in enumerate(graph.nodes)}
         args_at = max(order[a] for a in (m.input, m.residual, m.weight, m.scale) if isinstance(a, torch.fx.Node))
         site = set(m.dead)
@@ -88,9 +80,6 @@ class AllReduceRMSNormFusion(GraphPass):
             if not node.users:
                 graph.erase_node(node)
         return True
-
-    def config_key(self) -> str:
-        return f"v{source_digest()}|{self.plan.key()}"
 
 
 def _fake_outputs(node: torch.fx.Node):

@@ -11,9 +11,9 @@ import logging
 import torch
 import torch.fx
 
-from rangedispatch.fusion.sites import ALL_REDUCE_TARGETS, group_size, source_digest
-from rangedispatch.fusion.tier_plan import TierPlan
-from rangedispatch.passes import GraphPass
+from rangedispatch.fusion.sites import ALL_REDUCE_TARGETS, group_size
+from rangedispatch.fusion.symm_mem_op import SYMM_MEM_OP
+from rangedispatch.fusion.tier_plan import TierPass
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
@@ -21,15 +21,9 @@ log = logging.getLogger("rangedispatch")
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
-class SymmMemAllReduce(GraphPass):
+class SymmMemAllReduce(TierPass):
     name = "symm_mem_allreduce"
-    inference_only = True
     output_op = "torch.ops.rangedispatch.symm_mem_all_reduce.default"
-
-    def __init__(self, plan: TierPlan):
-        import rangedispatch.fusion.symm_mem_op  # noqa: F401  (registers the op before any cached graph calls it)
-
-        self.plan = plan
 
     def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
         self.plan.observe(gm)
@@ -42,8 +36,6 @@ class SymmMemAllReduce(GraphPass):
         return self.plan.symm_covers(r)
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
-        from rangedispatch.fusion.symm_mem_op import SYMM_MEM_OP
-
         _, last = self.plan.symm_span
         replaced = 0
         for node in list(graph.nodes):
@@ -70,6 +62,3 @@ class SymmMemAllReduce(GraphPass):
             graph.erase_node(node)
             replaced += 1
         return replaced
-
-    def config_key(self) -> str:
-        return f"v{source_digest()}|{self.plan.key()}"

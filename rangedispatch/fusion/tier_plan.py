@@ -27,7 +27,14 @@ import torch
 import torch.fx
 
 from rangedispatch.config.schema import HardwareConfig
-from rangedispatch.fusion.sites import AllReduceSite, all_reduce_sites, collective_counts, peer_memory_unsupported
+from rangedispatch.fusion.sites import (
+    AllReduceSite,
+    all_reduce_sites,
+    collective_counts,
+    peer_memory_unsupported,
+    source_digest,
+)
+from rangedispatch.passes import GraphPass
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
@@ -153,3 +160,16 @@ class TierPlan:
         t = sorted((k, dataclasses.astuple(v)) for k, v in self.hardware.thresholds.items())
         return (f"{self.hardware.name}|{t}|{self.fused_backend}|{self.symm_backend}|fused<={self.fused_end}"
                 f"|symm={self.symm_span}")
+
+
+class TierPass(GraphPass):
+    """A pass that replaces all-reduces in the ranges the model's tier plan gives its tier. Its op
+    has no backward: graphs that record gradients keep the original ops."""
+
+    inference_only = True
+
+    def __init__(self, plan: TierPlan):
+        self.plan = plan
+
+    def config_key(self) -> str:
+        return f"v{source_digest()}|{self.plan.key()}"

@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from rangedispatch.launch import spawn_ranks
+from rangedispatch.cli.launch import spawn_ranks
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,7 +26,7 @@ def rel_err(a, b):
 
 def _numerics(rank, world, backend, cases):
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     out = {}
     threshold = load_config(["hardware=h100"]).hardware.thresholds_for(world).fused_max_bytes_for(HIDDEN) // (HIDDEN * 2)
@@ -61,7 +61,7 @@ def test_every_pattern_matches_eager_on_gpu(backend, cases):
 
 def _cudagraphs(rank, world):
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     torch.manual_seed(0)
     model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, dtype=torch.bfloat16).cuda()
@@ -90,7 +90,7 @@ def _warm_start(rank, world):
     from torch._dynamo.utils import counters
 
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     torch.manual_seed(0)
     model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, dtype=torch.bfloat16).cuda()
@@ -122,7 +122,7 @@ SYMM_TIERS = ["hardware=h100", "dispatch.split_points=[]", "dispatch.max_num_tok
 
 def _symm_mem(rank, world, dtype_name, cudagraph_sizes):
     from rangedispatch import RangeCompiledModule, load_config
-    from rangedispatch.models import TPMLPBlock
+    from rangedispatch.bench.models import TPMLPBlock
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)

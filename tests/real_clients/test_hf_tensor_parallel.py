@@ -5,7 +5,7 @@ numerics on both ranks, with the first call at 1 token. One spawn runs the whole
 import pytest
 import torch
 
-from rangedispatch.launch import spawn_ranks
+from rangedispatch.cli.launch import spawn_ranks
 
 pytest.importorskip("transformers")
 
