@@ -48,10 +48,16 @@ class CompileRecord:
 
 @dataclass
 class CompilePolicy:
-    """How ranges are compiled, read from the config by the wrapper."""
+    """How ranges are compiled: the passes (each says where it applies) and when to max-autotune."""
 
-    passes_for: Callable[[Range], list[GraphPass]]
-    max_autotune_for: Callable[[Range], bool]
+    passes: list[GraphPass]
+    max_autotune: str  # compile.max_autotune: "never", "single_sizes" or "always"
+
+    def passes_for(self, r: Range) -> list[GraphPass]:
+        return [p for p in self.passes if p.applies(r)]
+
+    def max_autotune_for(self, r: Range) -> bool:
+        return self.max_autotune == "always" or (self.max_autotune == "single_sizes" and r.is_single_size)
 
 
 def _free_symbols(values: Sequence[Any]) -> set:
@@ -287,10 +293,13 @@ class RangeCompiler:
     """The Dynamo backend that collects every graph of one wrapped model, and the compiler of their
     ranges (with the passes that apply to each)."""
 
-    def __init__(self, policy: CompilePolicy, on_new_graph: Callable[[torch.fx.GraphModule], None],
-                 tokens_now: Callable[[], Optional[int]]):
+    def __init__(self, policy: CompilePolicy, max_num_tokens: int, tokens_now: Callable[[], Optional[int]]):
         self.policy = policy
-        self.on_new_graph = on_new_graph
+        self.max_num_tokens = max_num_tokens
+        # where the passes want ranges to end, over every graph traced so far
+        self.split_points: set[int] = set()
+        # the split points of the final ranges, once the wrapper has made them
+        self.final_split_points: Optional[set[int]] = None
         self.tokens_now = tokens_now  # token count of the call being traced
         self.graphs: list[RangeGraph] = []
         self.state = CallState()
@@ -305,10 +314,19 @@ class RangeCompiler:
             gm.meta[POST_GRAD_GRAPH] = self.post_grad_graph(graph)
             log.info("graph %d holds DTensors: collectives read off its post-grad graph (%.1f s)", graph.index,
                      time.perf_counter() - start)
-        self.on_new_graph(gm)
+        self._add_split_points(gm)
         self.graphs.append(graph)
         log.debug("traced graph %d (%d nodes, symbolic: %s)", graph.index, len(gm.graph.nodes), graph.is_symbolic)
         return graph
+
+    def _add_split_points(self, gm: torch.fx.GraphModule) -> None:
+        wanted = {p for ps in (pass_.split_points(gm) for pass_ in self.policy.passes) for p in ps}
+        usable = {p for p in wanted if 1 <= p < self.max_num_tokens}
+        late = usable - self.final_split_points if self.final_split_points is not None else set()
+        if late:
+            log.warning("a graph traced after the ranges became final asks for split points %s; ranges stay as they "
+                        "are (passes still only apply where they pay)", sorted(late))
+        self.split_points |= usable
 
     def compile_graph(self, graph: RangeGraph, inputs: list, r: Range, symbolic: bool) -> tuple[Callable, CompileRecord]:
         from torch._dynamo.utils import counters

@@ -163,7 +163,7 @@ class CallSignature:
             return lambda v, x: type(v) is kind and v == value
         return None
 
-    def matches(self, x: torch.Tensor, args: tuple, kwargs: dict, module: torch.nn.Module) -> bool:
+    def accepts(self, x: torch.Tensor, args: tuple, kwargs: dict, module: torch.nn.Module) -> bool:
         if len(args) != self.n_args or kwargs.keys() != self.keys:
             return False
         if torch.is_grad_enabled() is not self.grad or module.training is not self.training:

@@ -42,8 +42,8 @@ class Range(_RangeBounds):
 
 
 def ranges_from_split_points(split_points: Iterable[int], max_num_tokens: int) -> list[Range]:
-    """``[8, 32]`` with max 8192 -> ``[1,8] [9,32] [33,8192]``; points outside [1, max) are ignored
-    by the caller's validation, duplicates and order are normalized here."""
+    """``[8, 32]`` with max 8192 -> ``[1,8] [9,32] [33,8192]``. Points outside [1, max) are dropped
+    (a pass may ask for its threshold beyond max_num_tokens), duplicates and order normalized."""
     ends = sorted({p for p in split_points if 1 <= p < max_num_tokens}) + [max_num_tokens]
     out, start = [], 1
     for end in ends:

@@ -50,13 +50,12 @@ class RangeCompiledModule(nn.Module):
         d = self.config.dispatch
         self._counter = TokenCounter(model.forward, d.token_arg, d.token_dims)
         self.passes: list[GraphPass] = [*_config_passes(self.config), *passes]
-        self._pass_split_points: set[int] = set()
         self._table: Optional[RangeTable] = None
         self._calls: dict[Range, int] = {}
         self._extra_sizes: list[int] = []
         self._warned: set[str] = set()
-        policy = CompilePolicy(passes_for=self._passes_for, max_autotune_for=self._max_autotune_for)
-        self._compiler = RangeCompiler(policy, on_new_graph=self._on_new_graph, tokens_now=self._pending_tokens)
+        self._compiler = RangeCompiler(CompilePolicy(self.passes, self.config.compile.max_autotune), d.max_num_tokens,
+                                       tokens_now=self._pending_tokens)
         self._state = self._compiler.state
         self._lock = compile_lock()
         self._cudagraphs: Optional[CudaGraphRunner] = None
@@ -106,19 +105,6 @@ class RangeCompiledModule(nn.Module):
                 self._calls[r] += 1
             return out
 
-    def _on_new_graph(self, gm: torch.fx.GraphModule) -> None:
-        """Every graph Dynamo traces: the passes ask for split points (the fusion threshold)."""
-        wanted = {p for ps in (ps.split_points(gm) for ps in self.passes) for p in ps}
-        max_n = self.config.dispatch.max_num_tokens
-        usable = {p for p in wanted if 1 <= p < max_n}
-        if self._table is not None and usable - set(self._table.split_points):
-            log.warning(
-                "a graph traced after the ranges became final asks for split points %s; ranges stay %s "
-                "(passes still only apply where they pay)", sorted(usable - set(self._table.split_points)),
-                self._table.ranges,
-            )
-        self._pass_split_points |= usable
-
     def _pending_tokens(self) -> Optional[int]:
         """Token count of the call Dynamo is tracing on this thread (for the graph's record)."""
         call = dynamic_dims.call_in_progress()
@@ -127,22 +113,19 @@ class RangeCompiledModule(nn.Module):
     # ------------------------------------------------------------------ 3. finalize ranges
     def _finalize_ranges(self) -> None:
         d = self.config.dispatch
-        points = set(d.split_points) | self._pass_split_points
+        from_passes = self._compiler.split_points
+        points = set(d.split_points) | from_passes
         table = RangeTable(points, [*d.compile_sizes, *self._extra_sizes], d.max_num_tokens)
         self._calls = {r: 0 for r in table.ranges}
-        added = sorted(self._pass_split_points - set(d.split_points))
+        added = sorted(from_passes - set(d.split_points))
         log.info("ranges: %s%s", " ".join(map(str, table.ranges)),
                  f" (split points added by passes: {added})" if added else "")
         self._table = table
+        self._compiler.final_split_points = set(table.split_points)
 
     # ------------------------------------------------------------------ 4. per-range compile
-    def _passes_for(self, r: Range) -> list[GraphPass]:
-        return [p for p in self.passes if p.applies(r)]
-
-    def _max_autotune_for(self, r: Range) -> bool:
-        mode = self.config.compile.max_autotune
-        return mode == "always" or (mode == "single_sizes" and r.is_single_size)
-
+    # A range compiles on the first call that needs it (RangeGraph.compile, graph_cache.py), with
+    # the passes that apply to it; warmup() compiles every range now.
     def warmup(self, *args: Any, **kwargs: Any) -> "RangeCompiledModule":
         """Compile every range now. The first time, pass example inputs (any size in range): they
         trace the model. An example with a token dim of size 1 is also run at size 2 there, so that
@@ -189,7 +172,7 @@ class RangeCompiledModule(nn.Module):
                         return out
             if guard_free is not None and all_dims_above_one:
                 signature = guard_free.signature
-                if signature is not None and signature.matches(x, args, kwargs, model):
+                if signature is not None and signature.accepts(x, args, kwargs, model):
                     out = guard_free.run(r, model, args, kwargs)
                 else:
                     out = self._run_and_learn_guard_free(r, x, args, kwargs)
@@ -342,7 +325,7 @@ class RangeCompiledModule(nn.Module):
                 "compiled": bool(records),
                 "calls": self._calls.get(r, 0),
                 "compile_s": sum(rec.seconds for rec in records),
-                "passes": _applied_passes(records) if records else [p.name for p in self._passes_for(r)],
+                "passes": _applied_passes(records) if records else [p.name for p in self._compiler.policy.passes_for(r)],
                 "matches": matches,
                 "cache_hits": sum(rec.cache_hit for rec in records),
                 "extra": r.is_single_size and r.start in self._extra_sizes,

@@ -10,6 +10,7 @@ import torch
 from helpers import CensusPass, Mlp
 from rangedispatch import Range, RangeCompiledModule, load_config
 from rangedispatch.errors import ConfigError, NotTracedError, OutOfRangeError
+from rangedispatch.passes import GraphPass
 
 BASE = ["hardware=cpu", "fusion.enabled=false", "dispatch.max_num_tokens=64", "dispatch.split_points=[8,32]"]
 
@@ -205,3 +206,36 @@ def test_only_token_dims_are_dynamic_across_wrappers_of_one_class():
         shapes.append([tuple(type(s).__name__ for s in f.shape) for f in fakes if f.dim() == 2 and f.shape[-1] == hidden
                        and isinstance(f.shape[0], torch.SymInt)])
     assert shapes[0] == shapes[1] and shapes[1] and all(s == ("SymInt", "int") for s in shapes[1])
+
+
+class _SplitPerInput(GraphPass):
+    """Asks for a split point at 4 tokens per tensor input: a later graph (new keyword) asks for more."""
+
+    name = "split_per_input"
+
+    def split_points(self, gm):
+        return [4 * sum(isinstance(n.meta.get("example_value"), torch.Tensor) for n in gm.graph.nodes
+                        if n.op == "placeholder")]
+
+    def applies(self, r):
+        return False
+
+
+class _OptionalBias(torch.nn.Module):
+    def forward(self, x, bias=None):
+        return x * 2 if bias is None else x * 2 + bias
+
+
+def test_a_graph_traced_after_the_ranges_are_final_cannot_move_them_and_says_so(caplog):
+    cfg = load_config(["hardware=cpu", "dispatch.split_points=[]", "dispatch.max_num_tokens=64"])
+    m = RangeCompiledModule(_OptionalBias(), cfg, passes=[_SplitPerInput()])
+    x = torch.randn(5, 4)
+    m(x)
+    assert m.ranges == [Range(1, 4), Range(5, 64)]
+    bias = torch.randn(5, 4)
+    with caplog.at_level("WARNING", logger="rangedispatch"):
+        torch.testing.assert_close(m(x, bias=bias), x * 2 + bias)
+    assert m.ranges == [Range(1, 4), Range(5, 64)]
+    assert [r.getMessage() for r in caplog.records if "after the ranges became final" in r.getMessage()] == [
+        "a graph traced after the ranges became final asks for split points [8]; ranges stay as they are "
+        "(passes still only apply where they pay)"]

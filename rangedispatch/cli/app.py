@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from rangedispatch.errors import RangeDispatchError
 
 
 def hydra_app(hydra_main: Callable[[], None], config_name: str, validate: Callable[[Any], tuple],
-              about: str) -> Callable[[], None]:
+              about: str, section: Optional[type] = None) -> Callable[[], None]:
     """The console entry point of a Hydra app. ``validate(composed)`` returns the validated config
-    dataclasses (library config first), raising ``RangeDispatchError`` on bad input."""
+    dataclasses (library config first), raising ``RangeDispatchError`` on bad input. ``section``:
+    the tool's own config dataclass (``bench:``, ``tune:``), whose defaults its YAML builds on."""
 
     def run() -> None:
         from omegaconf import OmegaConf
 
-        from rangedispatch.config.loader import compose_config, hydra_searchpath_override
+        from rangedispatch.cli._common import register_section
+        from rangedispatch.config.loader import compose_config, hydra_searchpath_override, register_base_config
+
+        register_base_config()
+        if section is not None:
+            register_section(section)
 
         prog = config_name if config_name != "config" else "demo"
         args = sys.argv[1:]

@@ -22,10 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from rangedispatch.bench.config import BenchConfig
 from rangedispatch.cli import _common
 from rangedispatch.cli.app import hydra_app
-from rangedispatch.config.loader import config_dir, register_base_config
+from rangedispatch.config.loader import config_dir
 
-register_base_config()
-_common.register_section(BenchConfig)
 
 
 def split_config(cfg: DictConfig):
@@ -113,7 +111,7 @@ Examples:
   torchrun --nproc-per-node 4 -m rangedispatch.cli.bench 'bench.levels=[model,hf]'
 """
 
-run = hydra_app(main, "bench", split_config, ABOUT)
+run = hydra_app(main, "bench", split_config, ABOUT, section=BenchConfig)
 
 if __name__ == "__main__":
     run()

@@ -16,9 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from rangedispatch.cli.app import hydra_app
 from rangedispatch.config import to_schema
-from rangedispatch.config.loader import config_dir, register_base_config
+from rangedispatch.config.loader import config_dir
 
-register_base_config()
 
 
 def _rank_main(rank: int, world_size: int, cfg_yaml: str) -> list:

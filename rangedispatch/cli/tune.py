@@ -25,11 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rangedispatch.cli import _common
 from rangedispatch.cli.app import hydra_app
-from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir, register_base_config
+from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir
 from rangedispatch.tune.config import TuneConfig
 
-register_base_config()
-_common.register_section(TuneConfig)
 
 GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot",
              "symm_mem_oneshot": "symm_oneshot", "symm_mem_twoshot": "symm_twoshot"}
@@ -249,7 +247,7 @@ Examples:
   mkdir -p ~/.config/rangedispatch && cp -r tune-results/hardware ~/.config/rangedispatch/
 """
 
-run = hydra_app(main, "tune", split_config, ABOUT)
+run = hydra_app(main, "tune", split_config, ABOUT, section=TuneConfig)
 
 if __name__ == "__main__":
     run()
