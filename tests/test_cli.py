@@ -33,3 +33,13 @@ def test_help_and_the_resolved_config():
 def test_bench_without_gpus_says_what_it_needs():
     out = cli("bench", "bench.world_size=2")
     assert out.returncode == 2 and "needs 2 CUDA GPUs" in out.stderr and out.stderr.strip().count("\n") == 0
+    assert "bench.smoke=true" in out.stderr
+
+
+def test_bench_smoke_run_on_cpu(tmp_path):
+    out = cli("bench", "bench.smoke=true", "bench.levels=[op]", f"bench.out_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bench.smoke: a CPU run" in out.stdout and "### op level, hidden 256" in out.stdout
+    table = (tmp_path / "table.md").read_text()
+    assert "| 64 |" in table and "fused_reference" in table and "fused_oneshot" not in table
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 3 * 3  # header + 3 sizes x 3 CPU variants

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from rangedispatch.config.checks import check_choice, check_int, check_int_list, check_str, fail
 
 LEVELS = ("op", "model", "hf")
+# bench.smoke: shapes a CPU runs in about a minute per level
+SMOKE = dict(op_hidden=[256], op_tokens=[1, 8, 64], fp8=[False], model_shapes=[[256, 1024]],
+             model_tokens=[1, 8, 64, 256], hf_shapes=[[256, 512]], hf_tokens=[1, 8, 64], calls_per_graph=2, replays=3)
 
 
 @dataclass
@@ -38,6 +42,10 @@ class BenchConfig:
     replays: int = 20
     # Where table.md, results.csv and results.png go.
     out_dir: str = "bench-results"
+    # A CPU smoke run: the ranks see no GPU and use gloo and the reference backend, with SMOKE's
+    # small shapes and few replays (the shape, token, fp8 and timing keys above are not used). It
+    # checks that the tool and its outputs work on any machine; its times say nothing of GPUs.
+    smoke: bool = False
 
     def __post_init__(self) -> None:
         k = self.SECTION
@@ -66,3 +74,9 @@ class BenchConfig:
         check_int(f"{k}.calls_per_graph", self.calls_per_graph, lo=1)
         check_int(f"{k}.replays", self.replays, lo=1)
         check_str(f"{k}.out_dir", self.out_dir)
+        if not isinstance(self.smoke, bool):
+            raise fail(f"{k}.smoke", self.smoke, "true or false")
+
+    def as_run(self) -> "BenchConfig":
+        """What runs: this config, with SMOKE's shapes and timing if ``smoke``."""
+        return dataclasses.replace(self, **SMOKE) if self.smoke else self

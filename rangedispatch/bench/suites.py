@@ -48,6 +48,7 @@ def with_symm_mem(cfg: RangeDispatchConfig, world: int, oneshot: int) -> RangeDi
 
 OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_oneshot", "fused_twoshot", "symm_mem_oneshot",
                "symm_mem_twoshot")
+CPU_OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_reference")  # gloo: no GPU kernels
 
 
 def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: bool, calls: int, replays: int,
@@ -95,9 +96,10 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
     world = dist.get_world_size()
     tokens = list(tokens)
     max_n = max(tokens)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = TPMLPBlock(hidden=hidden, intermediate=intermediate, layers=layers, norm="functional",
-                       dtype=torch.bfloat16).cuda()
+                       dtype=torch.bfloat16).to(device)
     plain = torch.compile(model)
     as_profiled = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, max_num_tokens=max_n,
                                       split_points=[p for p in cfg.dispatch.split_points if p < max_n]))
@@ -108,14 +110,14 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
         "fusion_everywhere": RangeCompiledModule(model, with_fusion(cfg, world, EVERYWHERE, None, max_n)),
         "range_dispatch": dispatch,
     }
-    warm = torch.randn(16, hidden, dtype=torch.bfloat16, device="cuda")
+    warm = torch.randn(16, hidden, dtype=torch.bfloat16, device=device)
     torch._dynamo.mark_dynamic(warm, 0)
     with torch.no_grad():
         for fn in variants.values():
             fn(warm.clone())
     rows = []
     for n in tokens:
-        x = torch.randn(n, hidden, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(n, hidden, dtype=torch.bfloat16, device=device)
         for name, fn in variants.items():
             with torch.no_grad():
                 us, method = time_us(lambda: fn(x), calls, replays)

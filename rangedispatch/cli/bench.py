@@ -37,9 +37,12 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[rank0] %(message)s")
     lib, bench = split_config(OmegaConf.create(cfg_yaml))
+    bench = bench.as_run()
+    cuda = torch.cuda.is_available()
+    op_variants = suites.OP_VARIANTS if cuda else suites.CPU_OP_VARIANTS
     total = 0
     if "op" in bench.levels:
-        total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(suites.OP_VARIANTS)
+        total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(op_variants)
     if "model" in bench.levels:
         total += len(bench.model_shapes) * len(bench.model_tokens) * 4
     if "hf" in bench.levels:
@@ -49,7 +52,8 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     if "op" in bench.levels:
         for hidden in bench.op_hidden:
             for fp8 in bench.fp8:
-                rows += suites.op_level(lib, hidden, bench.op_tokens, fp8, bench.calls_per_graph, bench.replays, step)
+                rows += suites.op_level(lib, hidden, bench.op_tokens, fp8, bench.calls_per_graph, bench.replays, step,
+                                        variants=op_variants)
     if "model" in bench.levels:
         for hidden, intermediate in bench.model_shapes:
             r, ranges = suites.model_level(lib, hidden, intermediate, bench.model_layers, bench.model_tokens,
@@ -62,7 +66,8 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
                 r, _ = suites.hf_level(lib, hidden, intermediate, bench.model_layers, style, bench.hf_tokens,
                                        bench.calls_per_graph, bench.replays, step)
                 rows += r
-    info = dict(card=torch.cuda.get_device_name(), world_size=world, torch=torch.__version__,
+    info = dict(card=torch.cuda.get_device_name() if cuda else f"CPU smoke run ({platform.processor() or 'cpu'})",
+                world_size=world, torch=torch.__version__,
                 date=str(datetime.date.today()), host=platform.node())
     return dict(rows=rows, boundaries=boundaries, info=info)
 
@@ -75,18 +80,23 @@ def main(cfg: DictConfig) -> None:
     import torch
 
     _, bench = split_config(cfg)  # fail here, with the key named, before any rank starts
-    if "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < bench.world_size:
+    if bench.smoke:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before the ranks start: they see no GPU
+        print("bench.smoke: a CPU run on gloo with small shapes; it checks the tool, its times are not GPU "
+              "performance", flush=True)
+    elif "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < bench.world_size:
         print(f"rangedispatch-bench: needs {bench.world_size} CUDA GPUs (bench.world_size={bench.world_size}), "
-              f"found {torch.cuda.device_count()}; the CPU demo is rangedispatch-demo", file=sys.stderr)
+              f"found {torch.cuda.device_count()}; bench.smoke=true runs a CPU smoke test", file=sys.stderr)
         sys.exit(2)
     cfg_yaml = OmegaConf.to_yaml(cfg)
+    backend = "gloo" if bench.smoke else "nccl"
     if "WORLD_SIZE" in os.environ:
-        rank, world = init_from_env("nccl")
+        rank, world = init_from_env(backend)
         result = run_rank(rank, world, cfg_yaml)
         if rank != 0:
             return
     else:
-        result = spawn_ranks(run_rank, bench.world_size, cfg_yaml, backend="nccl")[0]
+        result = spawn_ranks(run_rank, bench.world_size, cfg_yaml, backend=backend)[0]
     out = Path(bench.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = report.annotate(result["rows"])
