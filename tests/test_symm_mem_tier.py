@@ -50,6 +50,15 @@ def _tiers(rank, world):
                                   v.get("all_reduce.default", 0)) for k, v in census.seen.items()}
         passes = {str(k): v["passes"] for k, v in m.stats().items()}
         out[name] = dict(ranges=[str(r) for r in m.ranges], checks=checks, census=census_counts, passes=passes)
+    # the tier passes read one plan: asking the symm-mem pass for split points first changes nothing
+    m = RangeCompiledModule(TPMLPBlock(hidden=HIDDEN, intermediate=128, layers=2, norm="llama", dtype=torch.bfloat16),
+                            load_config(TIERS))
+    m.passes.reverse()
+    with torch.no_grad():
+        for n in (300, 300, 1500, 3000):  # the first call traces
+            m(torch.randn(n, HIDDEN, dtype=torch.bfloat16))
+    out["symm_mem_pass_first"] = dict(ranges=[str(r) for r in m.ranges],
+                                      matches={str(k): v["matches"] for k, v in m.stats().items() if v["compiled"]})
     return out
 
 
@@ -67,6 +76,13 @@ def test_three_tiers_each_range_in_one(tiers):
     assert res["census"]["[513,2048]"] == (0, 2, 0)
     assert res["census"]["[2049,4096]"] == (0, 0, 2)
     assert res["passes"]["[513,2048]"] == ["symm_mem_allreduce", "census"]
+
+
+def test_the_tiers_do_not_depend_on_the_order_of_their_passes(tiers):
+    res = tiers["symm_mem_pass_first"]
+    assert res["ranges"] == tiers["three_tiers"]["ranges"]
+    assert res["matches"] == {"[9,512]": {"allreduce_rmsnorm": 2}, "[513,2048]": {"symm_mem_allreduce": 2},
+                              "[2049,4096]": {}}
 
 
 def test_symm_mem_tier_starts_at_its_min_bytes_without_fusion(tiers):

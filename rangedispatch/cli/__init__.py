@@ -1,0 +1,1 @@
+"""The command-line tools: rangedispatch-demo, rangedispatch-bench, rangedispatch-tune (Hydra apps)."""
