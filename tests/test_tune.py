@@ -185,3 +185,20 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
     t = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware.thresholds_for(2)
     assert (t.fused_max_bytes_by_hidden, t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (
         {"64": 4096}, 1024, 65536, 8192)
+
+
+def test_a_stopped_sweep_is_analyzed_from_what_it_wrote(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    recorded = ROOT / "benchmarks/results/tune_h200x2"
+    lines = (recorded / "sweep.csv").read_text().splitlines()
+    stopped = [lines[0]] + [r for r in lines[1:] if r.startswith("0,")] + [r for r in lines[1:] if r.startswith("1,2048,")]
+    (tmp_path / "sweep.csv").write_text("\n".join(stopped) + "\n")  # repeat 1 stopped after hidden 2048
+    shutil.copy(recorded / "sweep_info.json", tmp_path)
+    out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.tune", "tune.name=partial", "hardware=h200",
+                          f"tune.from_csv={tmp_path / 'sweep.csv'}", f"tune.out_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fused 8 MiB (per hidden size: 2048: 8 MiB, 4096: 32 MiB, 8192: 64 MiB)" in out.stdout

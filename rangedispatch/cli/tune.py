@@ -61,7 +61,8 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     info = dict(card=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,
                 date=str(datetime.date.today()))
-    csv_file = _start_sweep_files(Path(tune.out_dir), info, cuda) if rank == 0 else None
+    if rank == 0:
+        _start_sweep_files(Path(tune.out_dir), info, cuda)
     if rank == 0 and not cuda:
         print("CPU: measuring the reference tier (gloo all-reduce + eager math in one op) against gloo + "
               "compiled norm; GPU tiers need CUDA", flush=True)
@@ -79,21 +80,18 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
                           for r in suites.op_level(sized, hidden, tune.tokens(hidden), fp8, tune.calls_per_graph,
                                                    tune.replays, step, variants=list(tiers))]
                 rows += series
-                if csv_file is not None:
-                    csv.DictWriter(csv_file, fieldnames=SWEEP_FIELDS).writerows(series)
-                    csv_file.flush()
-    if csv_file is not None:
-        csv_file.close()
+                if rank == 0:
+                    with open(Path(tune.out_dir) / "sweep.csv", "a", newline="") as f:
+                        csv.DictWriter(f, fieldnames=SWEEP_FIELDS).writerows(series)
     return dict(rows=rows, info=info, cuda=cuda)
 
 
-def _start_sweep_files(out: Path, info: dict, cuda: bool):
-    """``sweep_info.json`` now and ``sweep.csv`` with its header, open for the rows to come."""
+def _start_sweep_files(out: Path, info: dict, cuda: bool) -> None:
+    """``sweep_info.json``, and ``sweep.csv`` with its header only: each series is appended when done."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_info.json").write_text(json.dumps({**info, "cuda": cuda}, indent=1))
-    f = open(out / "sweep.csv", "w", newline="")
-    csv.DictWriter(f, fieldnames=SWEEP_FIELDS).writeheader()
-    return f
+    with open(out / "sweep.csv", "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=SWEEP_FIELDS).writeheader()
 
 
 def _version(dist_name: str) -> str:
@@ -117,7 +115,8 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     per_repeat = [crossover.thresholds([r for r in rows if r["repeat"] == k]) for k in repeats]
     fused = [t.fused_max_bytes for t in per_repeat]
     oneshot = [t.oneshot_max_bytes for t in per_repeat]
-    by_hidden = {h: min(t.by_hidden[h] for t in per_repeat) for h in per_repeat[0].by_hidden}
+    # a stopped sweep's last repeat may lack hidden sizes: each size takes the repeats that have it
+    by_hidden = {h: min(t.by_hidden[h] for t in per_repeat if h in t.by_hidden) for h in per_repeat[0].by_hidden}
     final = crossover.Thresholds(min(fused), min(oneshot), per_repeat[0].series, by_hidden)
     symm = [(t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) for t in per_repeat]
     if all(hi for _, hi, _ in symm) and max(lo for lo, _, _ in symm) <= min(hi for _, hi, _ in symm):
@@ -128,10 +127,13 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
              f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {swept}, "
-             f"up to {mib(max_bytes)} per rank, {len(repeats)} repeats.", "",
+             f"up to {mib(max_bytes)} per rank, {len(repeats)} repeats."
+             + "".join(f" Repeat {k} stopped early: hidden {sorted(t.by_hidden)} only."
+                       for k, t in zip(repeats, per_repeat) if set(t.by_hidden) != set(by_hidden)), "",
              "| repeat | fused_max_bytes | oneshot_max_bytes |", "|---|---|---|"]
     lines += [f"| {k} | {mib(f)} | {mib(o)} |" for k, (f, o) in enumerate(zip(fused, oneshot))]
-    hidden_spread = ", ".join(f"hidden {h} {spread([t.by_hidden[h] for t in per_repeat])}" for h in by_hidden)
+    hidden_spread = ", ".join(f"hidden {h} {spread([t.by_hidden[h] for t in per_repeat if h in t.by_hidden])}"
+                              for h in by_hidden)
     lines += ["", f"Spread between repeats: fused {spread(fused)}, one-shot {spread(oneshot)}; per hidden size: "
               f"{hidden_spread}. Profile (smallest of the repeats): fused {mib(final.fused_max_bytes)} "
               f"(per hidden size: {', '.join(f'{h}: {mib(b)}' for h, b in by_hidden.items())}), "
