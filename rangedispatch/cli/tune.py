@@ -233,9 +233,13 @@ def main(cfg: DictConfig) -> None:
     print(summary)
     sweep = tune.from_csv or f"{out}/sweep.csv"
     print(f"wrote {path}, {out}/summary.md" + (f"; {why}" if why else f", {out}/sweep.png") + f"; the sweep: {sweep}")
-    print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}']), or copy {path.parent} into a "
-          f"folder of {PROFILE_PATH_ENV} or ~/.config/rangedispatch/ (then hardware={tune.name} and hardware=auto "
-          "find it everywhere)")
+    if (config_dir() / "hardware" / f"{tune.name}.yaml").is_file():
+        print(f"tune.name={tune.name} is a built-in profile's name, which user folders cannot override: replace "
+              f"{config_dir() / 'hardware' / (tune.name + '.yaml')} with it, or tune again under another name")
+    else:
+        print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}']), or copy {path.parent} into "
+              f"a folder of {PROFILE_PATH_ENV} or ~/.config/rangedispatch/ (then hardware={tune.name} and "
+              "hardware=auto find it everywhere)")
 
 
 ABOUT = """rangedispatch-tune: measure where each all-reduce tier pays on this machine (fused one/two-shot,
