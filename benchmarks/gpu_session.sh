@@ -3,7 +3,7 @@
 # (default gpu-results/). Run from the repository root, with prebuilt FlashInfer kernels and
 # wheels where the machine is offline (docs/offline-gpu.md):
 #   bash benchmarks/gpu_session.sh tests tune bench        # any subset, in that order
-# HARDWARE=h100|h200|auto (default auto) picks the profile. Extra Hydra overrides for a step:
+# HARDWARE=h100|h200|auto (default auto) picks the profile; TUNE_NAME (default tuned) names the one tune writes. Extra Hydra overrides for a step:
 # TUNE_ARGS='tune.repeats=1' BENCH_ARGS="'bench.levels=[op]'".
 set -uo pipefail
 OUT=${OUT:-gpu-results}
@@ -20,7 +20,7 @@ for step in "$@"; do
   start=$(date +%s)
   case $step in
     tests) python -m pytest -v -p no:cacheprovider tests/gpu > "$OUT/gpu_tests.txt" 2>&1 ;;
-    tune) eval python -m rangedispatch.cli.tune "tune.name=${HARDWARE:-auto}" "hardware=${HARDWARE:-auto}" "tune.out_dir=$OUT/tune" \
+    tune) eval python -m rangedispatch.cli.tune "tune.name=${TUNE_NAME:-tuned}" "hardware=${HARDWARE:-auto}" "tune.out_dir=$OUT/tune" \
             "${TUNE_ARGS:-}" > "$OUT/tune.log" 2>&1 ;;
     bench) eval python -m rangedispatch.cli.bench "hardware=${HARDWARE:-auto}" "bench.out_dir=$OUT/bench" \
              "${BENCH_ARGS:-}" > "$OUT/bench.log" 2>&1 ;;
