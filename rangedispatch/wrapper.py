@@ -218,10 +218,10 @@ class RangeCompiledModule(nn.Module):
         """The guarded path; the first such call that traces one whole graph for token dims >= 2
         gives the guard-free path its bytecode and the signature calls must match to use it."""
         guard_free = self._guard_free
-        codes, graphs = len(self._entry_codes), len(self._compiler.graphs)
+        codes_before, graphs_before = len(self._entry_codes), len(self._compiler.graphs)
         out = self._run_guarded(r, x, args, kwargs)
         if guard_free.signature is None and guard_free.reason is None:
-            new_codes, new_graphs = self._entry_codes[codes:], self._compiler.graphs[graphs:]
+            new_codes, new_graphs = self._entry_codes[codes_before:], self._compiler.graphs[graphs_before:]
             if len(new_codes) == 1 and len(new_graphs) == 1:
                 forward = guardless.guardless_forward(self._entry, new_codes[0])
                 signature = guardless.CallSignature(x, self._counter.dims, args, kwargs, self._model)
