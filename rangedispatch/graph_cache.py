@@ -118,8 +118,8 @@ def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[l
     launch configs (reductions, pointwise blocks) from hints, and the traced size (often 16 tokens,
     or 1) would tune a range of thousands of tokens for the wrong size. Yields the shape guards the
     compile added that some size of the range breaks: the range's graph is called without re-checking
-    guards, so they are reported (an indexing bound such as ``8192*s0 <= 2**31-1`` that holds at both
-    ends of a one-symbol range holds inside it too: such guards are linear in the token count)."""
+    guards, so they are reported (a guard that holds for every size of a one-symbol range, such as an
+    indexing bound ``8192*s0 <= 2**31-1``, is not)."""
     fake_mode = torch._guards.detect_fake_mode(list(fakes)) if symbols else None
     shape_env = getattr(fake_mode, "shape_env", None)
     if shape_env is None:
@@ -144,18 +144,15 @@ def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[l
 
 
 def _holds_over(guard: Any, sym: Any, r: Range) -> bool:
-    """True if ``guard`` (a sympy relation) holds for every token count in ``r``: an inequality
-    linear in ``sym`` that holds at both ends (anything else, e.g. ``Ne``, is not decided here)."""
+    """True if ``guard`` (a sympy relation in ``sym``) holds for every token count in ``r``, by the
+    value-range analysis the shape environment itself uses (interval arithmetic: "unknown" is False)."""
     import sympy
+    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
 
-    if not isinstance(guard, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)) or guard.free_symbols != {sym}:
+    if guard.free_symbols != {sym}:
         return False
-    try:
-        if sympy.Poly(guard.lhs - guard.rhs, sym).degree() > 1:
-            return False
-    except sympy.PolynomialError:
-        return False
-    return all(bool(guard.subs(sym, n)) for n in (r.start, r.end))
+    bound = bound_sympy(guard, {sym: ValueRanges(r.start, r.end)})
+    return bool(bound.is_singleton() and bound.lower == sympy.true)
 
 
 def _matches(pipeline: RangePassPipeline, code: list[str]) -> dict[str, int]:

@@ -51,4 +51,8 @@ def test_a_shape_guard_is_reported_unless_it_holds_over_the_whole_range():
     assert _holds_over(index_bound, s, Range(1, 4096))
     assert not _holds_over(index_bound, s, Range(1, 1 << 20))  # breaks at the range's end
     assert not _holds_over(sympy.Ne(s, 3), s, Range(1, 8))  # holds at both ends, not at 3
-    assert not _holds_over(sympy.Le(s * s, 100), s, Range(1, 10))  # not linear: not decided
+    assert _holds_over(sympy.Ne(s, 3), s, Range(4, 8))
+    from torch.utils._sympy.functions import FloorDiv
+
+    block = FloorDiv(s + 1, 2)  # the token block of 2 ranks
+    assert _holds_over(sympy.Ge(block, 2), s, Range(513, 4096)) and not _holds_over(sympy.Ge(block, 2), s, Range(1, 8))

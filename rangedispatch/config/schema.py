@@ -156,6 +156,11 @@ class TierThresholds:
     symm_mem_max_bytes: int = 0
     # Within that tier, the one-shot kernel up to this size and two-shot above it.
     symm_mem_oneshot_max_bytes: int = 0
+    # The sequence-parallel tier, from this size up (above the fused and symmetric-memory sizes):
+    # each all-reduce -> (+ residual) -> RMSNorm becomes a reduce-scatter, the add and norm on this
+    # rank's block of tokens, and an all-gather of the norm's output; the residual stream between
+    # such sites stays split over the ranks. 0: no tier.
+    sp_min_bytes: int = 0
 
     def fused_max_bytes_for(self, hidden: int) -> int:
         return self.fused_max_bytes_by_hidden.get(str(hidden), self.fused_max_bytes)
@@ -197,7 +202,8 @@ class HardwareConfig:
                 raise fail(f"{k}.thresholds.{ws}", t,
                            f"a mapping with {', '.join(f.name for f in fields(TierThresholds))}")
             check_int(f"{k}.thresholds.{ws}.fused_max_bytes", t.fused_max_bytes, lo=0)
-            for name in ("oneshot_max_bytes", "symm_mem_min_bytes", "symm_mem_max_bytes", "symm_mem_oneshot_max_bytes"):
+            for name in ("oneshot_max_bytes", "symm_mem_min_bytes", "symm_mem_max_bytes", "symm_mem_oneshot_max_bytes",
+                         "sp_min_bytes"):
                 check_int(f"{k}.thresholds.{ws}.{name}", getattr(t, name), lo=0)
             if t.symm_mem_max_bytes and t.symm_mem_min_bytes > t.symm_mem_max_bytes:
                 raise fail(f"{k}.thresholds.{ws}.symm_mem_min_bytes", t.symm_mem_min_bytes,

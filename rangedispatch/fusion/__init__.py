@@ -1,10 +1,13 @@
 """The all-reduce tiers: all-reduce + residual + RMSNorm (+ FP8 quant) fused into one kernel for
-small sizes, symmetric memory above them, NCCL beyond.
+small sizes, symmetric memory above them, NCCL beyond, and sequence parallelism where the profile
+says it pays at the largest sizes.
 
 - ``tier_plan.py``: which token counts each tier takes, per all-reduce site, from the profile;
 - ``allreduce_rmsnorm_pass.py`` / ``allreduce_rmsnorm_op.py``: the fusion pass (with ``matcher.py``)
   and the op it puts in the graph, whose kernels come from ``backends/``;
 - ``symm_mem_pass.py`` / ``symm_mem_op.py``: the symmetric-memory pass and its op;
+- ``sequence_parallel_pass.py`` / ``sequence_parallel_op.py``: the sequence-parallel tier for the
+  largest sizes (reduce-scatter, norm on a block of tokens, all-gather);
 - ``sites.py``: the all-reduces of a traced graph; ``numerics.py``: the reference math.
 
 Nothing here imports FlashInfer; only its backend does, lazily.
@@ -20,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def build_fusion_passes(cfg: "RangeDispatchConfig") -> list["GraphPass"]:
-    """The fusion pass, then (if on) the symmetric-memory pass, sharing one tier plan."""
+    """The fusion pass, the symmetric-memory pass (if on) and the sequence-parallel pass, sharing one
+    tier plan (a pass whose tier the profile leaves out applies nowhere)."""
     from rangedispatch.fusion.allreduce_rmsnorm_pass import AllReduceRMSNormFusion
     from rangedispatch.fusion.tier_plan import TierPlan
 
@@ -32,4 +36,7 @@ def build_fusion_passes(cfg: "RangeDispatchConfig") -> list["GraphPass"]:
         from rangedispatch.fusion.symm_mem_pass import SymmMemAllReduce
 
         passes.append(SymmMemAllReduce(plan))
+    from rangedispatch.fusion.sequence_parallel_pass import SequenceParallel
+
+    passes.append(SequenceParallel(plan))
     return passes

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from rangedispatch.fusion.allreduce_rmsnorm_op import FUSED_OP
-from rangedispatch.fusion.matcher import FusionMatch, find_matches
+from rangedispatch.fusion.matcher import FusionMatch, insertion_point, replace_each_site
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.tier_plan import TierPass
 from rangedispatch.ranges import Range
@@ -36,31 +36,13 @@ class AllReduceRMSNormFusion(TierPass):
 
     # -- inside Inductor -----------------------------------------------------------------------
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
-        # one site at a time: a rewrite replaces nodes (the next layer's residual) that later
-        # matches would still point at
-        fused, refused = 0, set()
-        while True:
-            matches, skipped = find_matches(graph)
-            todo = [m for m in matches if m.out not in refused]
-            if not todo:
-                break
-            if self._replace(graph, todo[0]):
-                fused += 1
-            else:
-                refused.add(todo[0].out)
-        for reason in skipped:
-            log.info("not fused: %s", reason)
-        return fused
+        return replace_each_site(graph, lambda m: self._replace(graph, m), "fusion")
 
     def _replace(self, graph: torch.fx.Graph, m: FusionMatch) -> bool:
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        args_at = max(order[a] for a in (m.input, m.residual, m.weight, m.scale) if isinstance(a, torch.fx.Node))
-        site = set(m.dead)
-        first_use = min((order[u] for n in (m.pre_norm, m.out) for u in n.users if u not in site), default=len(order))
-        if args_at >= first_use:
+        anchor = insertion_point(graph, m)
+        if anchor is None:
             log.info("not fused: %s: an operand is computed after the fused outputs are used", m.input.name)
             return False
-        anchor = next(n for n in graph.nodes if order[n] == args_at)
         with graph.inserting_after(anchor):
             fused = graph.call_function(
                 FUSED_OP,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx
@@ -267,3 +267,34 @@ def _match_quant(out: torch.fx.Node) -> tuple[Optional[torch.fx.Node], torch.fx.
     if not _is_convert(cast, FP8_DTYPE):
         return None, out, []
     return scale, cast, nodes + [cast]
+
+
+def insertion_point(graph: torch.fx.Graph, m: FusionMatch) -> Optional[torch.fx.Node]:
+    """The node after which a replacement of site ``m`` goes: its last operand. None when an
+    operand is computed after the site's outputs are first used (the replacement cannot go anywhere)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    operands = [a for a in (m.input, m.residual, m.weight, m.scale) if isinstance(a, torch.fx.Node)]
+    last_operand = max(operands, key=order.__getitem__)
+    site = set(m.dead)
+    first_use = min((order[u] for n in (m.pre_norm, m.out) for u in n.users if u not in site), default=len(order))
+    return last_operand if order[last_operand] < first_use else None
+
+
+def replace_each_site(graph: torch.fx.Graph, replace: Callable[[FusionMatch], bool], tier: str) -> int:
+    """Offer every site of ``graph`` to ``replace`` (True: replaced) and return how many it replaced.
+    One site at a time, matching again after each rewrite: a rewrite replaces nodes (the next
+    layer's residual) that later matches would still point at. A refused site is not offered again;
+    sites the matcher skipped are logged with its reason."""
+    replaced, refused = 0, set()
+    while True:
+        matches, skipped = find_matches(graph)
+        todo = [m for m in matches if m.out not in refused]
+        if not todo:
+            break
+        if replace(todo[0]):
+            replaced += 1
+        else:
+            refused.add(todo[0].out)
+    for reason in skipped:
+        log.info("%s: not replaced: %s", tier, reason)
+    return replaced

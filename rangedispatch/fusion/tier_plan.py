@@ -9,11 +9,13 @@ Per site (process group x bytes per token), from the hardware profile at the gro
 
     fused:  1 .. fused_max_bytes(hidden) // bytes_per_token tokens       (0: never)
     symm:   ceil(symm_mem_min_bytes / bpt) .. symm_mem_max_bytes // bpt  (None: never)
+    sp:     ceil(sp_min_bytes / bpt) .. max_num_tokens                    (None: never)
 
 A range runs one tier for all of its sites, so the model's spans are the most restrictive ones:
 fused ranges end at the smallest fused limit (a site that cannot be fused turns fusion off); the
 symmetric-memory ranges lie after that and inside the span of every site that can use the tier
-(the others stay with NCCL there). Split points at the span ends make each range fall in one tier.
+(the others stay with NCCL there); the sequence-parallel ranges lie after both, from the largest
+start of the sites that can use it. Split points at the span ends make each range fall in one tier.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class SiteTiers:
     site: AllReduceSite
     fused_tokens: int  # fused up to this many tokens; 0: never
     symm_tokens: Optional[tuple[int, int]]  # where symmetric memory pays; None: never
+    sp_from: Optional[int]  # sequence parallelism from this many tokens; None: never
 
 
 class TierPlan:
@@ -73,7 +76,8 @@ class TierPlan:
             self._say_no_all_reduce(gm)
         for site in sites:
             if site.key not in self.sites:
-                self.sites[site.key] = SiteTiers(site, self._fused_tokens(site), self._symm_tokens(site))
+                self.sites[site.key] = SiteTiers(site, self._fused_tokens(site), self._symm_tokens(site),
+                                                 self._sp_from(site))
 
     def _fused_tokens(self, site: AllReduceSite) -> int:
         from rangedispatch.fusion import backends
@@ -111,6 +115,16 @@ class TierPlan:
                  t.symm_mem_max_bytes)
         return (lo, hi) if lo <= hi else None
 
+    def _sp_from(self, site: AllReduceSite) -> Optional[int]:
+        min_bytes = self.hardware.thresholds_for(site.world_size).sp_min_bytes
+        if not min_bytes or site.world_size < 2:
+            return None
+        start = max(1, -(-min_bytes // site.bytes_per_token))
+        log.info("sequence-parallel tier from %d tokens for group %s (world size %d, %d bytes/token, hardware %s: "
+                 "from %d bytes)", start, site.group_name, site.world_size, site.bytes_per_token, self.hardware.name,
+                 min_bytes)
+        return start
+
     def _say_no_all_reduce(self, gm: torch.fx.GraphModule) -> None:
         import torch.distributed as dist
 
@@ -142,12 +156,30 @@ class TierPlan:
         last = min(self.max_num_tokens, *(hi for _, hi in spans))
         return (first, last) if first <= last else None
 
+    @property
+    def sp_span(self) -> Optional[tuple[int, int]]:
+        """``[first, max_num_tokens]``: ranges inside it use sequence parallelism; None: none."""
+        starts = [s.sp_from for s in self.sites.values() if s.sp_from is not None]
+        if not starts:
+            return None
+        symm = self.symm_span
+        first = max(self.fused_end + 1, symm[1] + 1 if symm else 0, *starts)
+        return (first, self.max_num_tokens) if first <= self.max_num_tokens else None
+
     def fuses(self, r: Range) -> bool:
         return r.end <= self.fused_end
 
     def symm_covers(self, r: Range) -> bool:
         span = self.symm_span
         return span is not None and span[0] <= r.start and r.end <= span[1]
+
+    def sp_covers(self, r: Range) -> bool:
+        span = self.sp_span
+        return span is not None and span[0] <= r.start
+
+    def sp_serves(self, group_name: str) -> bool:
+        """Whether the all-reduces of this group are sites the sequence-parallel tier serves."""
+        return any(s.sp_from is not None and s.site.group_name == group_name for s in self.sites.values())
 
     def symm_serves(self, group_name: str, dtype: torch.dtype, hidden: int) -> bool:
         """Whether the all-reduce of a compiled graph (group, dtype, row size) is a site the
@@ -159,7 +191,7 @@ class TierPlan:
         """Everything that changes the rewritten graphs: thresholds, backends and the spans."""
         t = sorted((k, dataclasses.astuple(v)) for k, v in self.hardware.thresholds.items())
         return (f"{self.hardware.name}|{t}|{self.fused_backend}|{self.symm_backend}|fused<={self.fused_end}"
-                f"|symm={self.symm_span}")
+                f"|symm={self.symm_span}|sp={self.sp_span}")
 
 
 class TierPass(GraphPass):

@@ -1,0 +1,79 @@
+"""The ops of the sequence-parallel tier: the token rows of an activation split over the ranks.
+
+``sp_reduce_scatter`` sums the ranks' inputs and keeps this rank's block of token rows;
+``sp_shard`` takes that block of a tensor every rank holds whole (no communication); ``sp_all_gather``
+puts the blocks back together. Tokens are the rows of the input flattened to ``[-1, hidden]``; a
+token count that the world size does not divide is padded with zero rows up to the next multiple
+(the padding rows only ever hold zeros and the norm of zeros, and are cut off by the gather), so
+every range of token counts can use the tier. The collectives run through the process group
+(NCCL on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from rangedispatch.fusion.sites import process_group
+
+_funcol = torch.ops._c10d_functional
+
+
+def _rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """``x`` as ``[tokens, hidden]``, padded with zero rows to a multiple of ``world``."""
+    flat = x.reshape(-1, x.shape[-1])
+    pad = -flat.shape[0] % world
+    return torch.nn.functional.pad(flat, (0, 0, 0, pad)) if pad else flat
+
+
+def _block_rows(tokens, world):
+    return (tokens + world - 1) // world
+
+
+@torch.library.custom_op("rangedispatch::sp_reduce_scatter", mutates_args=())
+def sp_reduce_scatter(input: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The sum over the group of ``input``, this rank's block of token rows."""
+    world = process_group(group_name).size()
+    return _funcol.wait_tensor(_funcol.reduce_scatter_tensor(_rows(input, world), "sum", world, group_name))
+
+
+@torch.library.custom_op("rangedispatch::sp_shard", mutates_args=())
+def sp_shard(input: torch.Tensor, group_name: str) -> torch.Tensor:
+    """This rank's block of token rows of ``input`` (which every rank holds whole)."""
+    group = process_group(group_name)
+    rows = _rows(input, group.size())
+    block = rows.shape[0] // group.size()
+    return rows[dist.get_rank(group) * block:(dist.get_rank(group) + 1) * block].clone()
+
+
+@torch.library.custom_op("rangedispatch::sp_all_gather", mutates_args=())
+def sp_all_gather(shard: torch.Tensor, group_name: str, shape: list[int]) -> torch.Tensor:
+    """Every rank's block put back together, cut to the tokens of ``shape`` and viewed as it."""
+    world = process_group(group_name).size()
+    full = _funcol.wait_tensor(_funcol.all_gather_into_tensor(shard.contiguous(), world, group_name))
+    tokens = 1
+    for size in shape[:-1]:
+        tokens *= size
+    return full[:tokens].reshape(shape).clone()
+
+
+@sp_reduce_scatter.register_fake
+def _(input, group_name):
+    world = process_group(group_name).size()
+    return input.new_empty((_block_rows(input.numel() // input.shape[-1], world), input.shape[-1]))
+
+
+@sp_shard.register_fake
+def _(input, group_name):
+    world = process_group(group_name).size()
+    return input.new_empty((_block_rows(input.numel() // input.shape[-1], world), input.shape[-1]))
+
+
+@sp_all_gather.register_fake
+def _(shard, group_name, shape):
+    return shard.new_empty(shape)
+
+
+SP_REDUCE_SCATTER = torch.ops.rangedispatch.sp_reduce_scatter.default
+SP_SHARD = torch.ops.rangedispatch.sp_shard.default
+SP_ALL_GATHER = torch.ops.rangedispatch.sp_all_gather.default

@@ -1,0 +1,115 @@
+"""The sequence-parallel tier: in the ranges of the model's tier plan above the fused and
+symmetric-memory sizes, each ``all_reduce -> (+ residual) -> RMSNorm (-> FP8 quant)`` site becomes
+
+    reduce-scatter(input) -> + this rank's block of the residual -> RMSNorm (-> quant) -> all-gather
+
+so the add and the norm run on 1/world of the tokens, and the bytes on the wire stay those of the
+all-reduce (a reduce-scatter and an all-gather). The residual stream stays split: a site whose
+residual is the previous site's sum takes that sum's block directly, and the whole sum is gathered
+only where something else uses it (typically the last layer's output). The first residual (the
+embedding output) is cut into blocks without communication. Token counts the world size does not
+divide are padded inside the ops (``sequence_parallel_op.py``), so the tier covers whole ranges.
+
+The replacement is written as a Python function over the site's operands and traced with
+``make_fx`` on their fake values, so that every new node carries the shapes Inductor needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from rangedispatch.fusion.matcher import FusionMatch, insertion_point, replace_each_site
+from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
+from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, sp_all_gather, sp_reduce_scatter, sp_shard
+from rangedispatch.fusion.tier_plan import TierPass
+from rangedispatch.ranges import Range
+
+log = logging.getLogger("rangedispatch")
+
+
+class SequenceParallel(TierPass):
+    name = "sequence_parallel"
+    output_op = "torch.ops.rangedispatch.sp_reduce_scatter.default"
+
+    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
+        self.plan.observe(gm)
+        span = self.plan.sp_span
+        return [span[0] - 1] if span is not None and span[0] > 1 else []
+
+    def applies(self, r: Range) -> bool:
+        return self.plan.sp_covers(r)
+
+    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+        replaced = replace_each_site(graph, lambda m: self._replace(graph, m), "sequence parallelism")
+        for node in list(graph.nodes):  # whole sums that no later site or other user needed
+            if node.target is SP_ALL_GATHER and not node.users:
+                graph.erase_node(node)
+        return replaced
+
+    def _replace(self, graph: torch.fx.Graph, m: FusionMatch) -> bool:
+        if not self.plan.sp_serves(m.group_name):
+            return False
+        anchor = insertion_point(graph, m)
+        if anchor is None:
+            log.info("sequence parallelism: %s left to the all-reduce: an operand is computed after the site's "
+                     "outputs are used", m.input.name)
+            return False
+        # the previous site's sum, gathered: take its block instead
+        residual_block = m.residual.args[0] if _is_gathered_sum(m.residual) else None
+        residual = residual_block if residual_block is not None else m.residual
+        operands = [n for n in (m.input, residual, m.weight, m.scale) if n is not None]
+        replacement = _site_replacement(m, residual_is_block=residual_block is not None)
+        traced = _trace(replacement, operands)
+        with graph.inserting_before(anchor.next):  # (inserting_after would put each new node first)
+            out, _, whole_sum = graph.graph_copy(traced.graph, dict(zip(_placeholders(traced), operands)))
+        m.out.replace_all_uses_with(out)
+        m.pre_norm.replace_all_uses_with(whole_sum)
+        for node in reversed(m.dead):
+            if not node.users:
+                graph.erase_node(node)
+        return True
+
+
+def _is_gathered_sum(node: Optional[torch.fx.Node]) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is SP_ALL_GATHER
+
+
+def _site_replacement(m: FusionMatch, residual_is_block: bool):
+    """``f(input, [residual], [weight], [scale]) -> (out, sum block, whole sum)`` for site ``m``."""
+    group, eps, mode = m.group_name, m.eps, m.weight_mode
+    has_residual, has_weight, has_scale = m.residual is not None, m.weight is not None, m.scale is not None
+
+    def replacement(x: torch.Tensor, *rest: torch.Tensor):
+        rest = list(rest)
+        residual = rest.pop(0) if has_residual else None
+        weight = rest.pop(0) if has_weight else None
+        scale = rest.pop(0) if has_scale else None
+        block = sp_reduce_scatter(x, group)
+        if residual is not None:
+            block = block + (residual if residual_is_block else sp_shard(residual, group))
+        y = rms_norm(block, weight, eps, mode)
+        if scale is not None:
+            y = quantize_fp8(y, scale)
+        return sp_all_gather(y, group, list(x.shape)), block, sp_all_gather(block, group, list(x.shape))
+
+    return replacement
+
+
+def _trace(fn, operands: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """``fn`` as a post-grad graph: traced on the operands' fake values with Inductor's
+    decompositions (its lowerings expect e.g. ``convert_element_type``, not ``_to_copy``)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    vals = [n.meta["val"] for n in operands]
+    fake_mode = torch._guards.detect_fake_mode(vals)
+    with fake_mode, torch.no_grad():
+        return make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="real")(*vals)
+
+
+def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
