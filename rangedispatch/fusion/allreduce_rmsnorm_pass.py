@@ -8,41 +8,27 @@ that one range ends exactly where fusion stops paying.
 
 from __future__ import annotations
 
-import logging
 import operator
 
 import torch
 import torch.fx
 
 from rangedispatch.fusion.allreduce_rmsnorm_op import FUSED_OP
-from rangedispatch.fusion.matcher import FusionMatch, insertion_point, replace_each_site
+from rangedispatch.fusion.matcher import FusionMatch, replace_each_site, retire_site
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.tier_plan import TierPass
 from rangedispatch.ranges import Range
 
-log = logging.getLogger("rangedispatch")
-
 
 class AllReduceRMSNormFusion(TierPass):
     name = "allreduce_rmsnorm"
+    tier = "fused"
     output_op = "torch.ops.rangedispatch.fused_allreduce_rmsnorm.default"
 
-    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        self.plan.observe(gm)
-        return [self.plan.fused_end] if self.plan.fused_end >= 1 else []
-
-    def applies(self, r: Range) -> bool:
-        return self.plan.fuses(r)
-
-    # -- inside Inductor -----------------------------------------------------------------------
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
-        return replace_each_site(graph, lambda m: self._replace(graph, m), "fusion")
+        return replace_each_site(graph, lambda m, anchor: self._replace(graph, m, anchor), "fusion")
 
-    def _replace(self, graph: torch.fx.Graph, m: FusionMatch) -> bool:
-        anchor = insertion_point(graph, m)
-        if anchor is None:
-            log.info("not fused: %s: an operand is computed after the fused outputs are used", m.input.name)
-            return False
+    def _replace(self, graph: torch.fx.Graph, m: FusionMatch, anchor: torch.fx.Node) -> bool:
         with graph.inserting_after(anchor):
             fused = graph.call_function(
                 FUSED_OP,
@@ -56,11 +42,7 @@ class AllReduceRMSNormFusion(TierPass):
         fake_vals = _fake_outputs(fused)
         fused.meta["val"] = fake_vals
         out.meta["val"], pre_norm.meta["val"] = fake_vals
-        m.out.replace_all_uses_with(out)
-        m.pre_norm.replace_all_uses_with(pre_norm)
-        for node in reversed(m.dead):
-            if not node.users:
-                graph.erase_node(node)
+        retire_site(graph, m, out, pre_norm)
         return True
 
 

@@ -280,21 +280,35 @@ def insertion_point(graph: torch.fx.Graph, m: FusionMatch) -> Optional[torch.fx.
     return last_operand if order[last_operand] < first_use else None
 
 
-def replace_each_site(graph: torch.fx.Graph, replace: Callable[[FusionMatch], bool], tier: str) -> int:
-    """Offer every site of ``graph`` to ``replace`` (True: replaced) and return how many it replaced.
-    One site at a time, matching again after each rewrite: a rewrite replaces nodes (the next
-    layer's residual) that later matches would still point at. A refused site is not offered again;
-    sites the matcher skipped are logged with its reason."""
+def retire_site(graph: torch.fx.Graph, m: FusionMatch, out: torch.fx.Node, pre_norm: torch.fx.Node) -> None:
+    """Point the users of the site's outputs at their replacements and erase the site's nodes."""
+    m.out.replace_all_uses_with(out)
+    m.pre_norm.replace_all_uses_with(pre_norm)
+    for node in reversed(m.dead):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def replace_each_site(graph: torch.fx.Graph, replace: Callable[[FusionMatch, torch.fx.Node], bool], tier: str) -> int:
+    """Offer every site of ``graph`` to ``replace(site, insert_after)`` (True: replaced) and return
+    how many it replaced. One site at a time, matching again after each rewrite: a rewrite replaces
+    nodes (the next layer's residual) that later matches would still point at. A refused site is
+    not offered again; sites the matcher skipped, or that have no insertion point, are logged."""
     replaced, refused = 0, set()
     while True:
         matches, skipped = find_matches(graph)
         todo = [m for m in matches if m.out not in refused]
         if not todo:
             break
-        if replace(todo[0]):
+        site = todo[0]
+        anchor = insertion_point(graph, site)
+        if anchor is None:
+            log.info("%s: %s left as it is: an operand is computed after the site's outputs are used", tier,
+                     site.input.name)
+        if anchor is not None and replace(site, anchor):
             replaced += 1
         else:
-            refused.add(todo[0].out)
+            refused.add(site.out)
     for reason in skipped:
         log.info("%s: not replaced: %s", tier, reason)
     return replaced

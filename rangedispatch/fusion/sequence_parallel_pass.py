@@ -16,48 +16,33 @@ The replacement is written as a Python function over the site's operands and tra
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from rangedispatch.fusion.matcher import FusionMatch, insertion_point, replace_each_site
+from rangedispatch.fusion.matcher import FusionMatch, replace_each_site, retire_site
 from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, sp_all_gather, sp_reduce_scatter, sp_shard
 from rangedispatch.fusion.tier_plan import TierPass
 from rangedispatch.ranges import Range
 
-log = logging.getLogger("rangedispatch")
-
 
 class SequenceParallel(TierPass):
     name = "sequence_parallel"
+    tier = "sequence_parallel"
     output_op = "torch.ops.rangedispatch.sp_reduce_scatter.default"
 
-    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        self.plan.observe(gm)
-        span = self.plan.sp_span
-        return [span[0] - 1] if span is not None and span[0] > 1 else []
-
-    def applies(self, r: Range) -> bool:
-        return self.plan.sp_covers(r)
-
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
-        replaced = replace_each_site(graph, lambda m: self._replace(graph, m), "sequence parallelism")
+        replaced = replace_each_site(graph, lambda m, anchor: self._replace(graph, m, anchor), "sequence parallelism")
         for node in list(graph.nodes):  # whole sums that no later site or other user needed
             if node.target is SP_ALL_GATHER and not node.users:
                 graph.erase_node(node)
         return replaced
 
-    def _replace(self, graph: torch.fx.Graph, m: FusionMatch) -> bool:
+    def _replace(self, graph: torch.fx.Graph, m: FusionMatch, anchor: torch.fx.Node) -> bool:
         if not self.plan.sp_serves(m.group_name):
-            return False
-        anchor = insertion_point(graph, m)
-        if anchor is None:
-            log.info("sequence parallelism: %s left to the all-reduce: an operand is computed after the site's "
-                     "outputs are used", m.input.name)
             return False
         # the previous site's sum, gathered: take its block instead
         residual_block = m.residual.args[0] if _is_gathered_sum(m.residual) else None
@@ -67,11 +52,7 @@ class SequenceParallel(TierPass):
         traced = _trace(replacement, operands)
         with graph.inserting_before(anchor.next):  # (inserting_after would put each new node first)
             out, _, whole_sum = graph.graph_copy(traced.graph, dict(zip(_placeholders(traced), operands)))
-        m.out.replace_all_uses_with(out)
-        m.pre_norm.replace_all_uses_with(whole_sum)
-        for node in reversed(m.dead):
-            if not node.users:
-                graph.erase_node(node)
+        retire_site(graph, m, out, whole_sum)
         return True
 
 

@@ -23,17 +23,8 @@ _WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 class SymmMemAllReduce(TierPass):
     name = "symm_mem_allreduce"
+    tier = "symm_mem"
     output_op = "torch.ops.rangedispatch.symm_mem_all_reduce.default"
-
-    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        self.plan.observe(gm)
-        if self.plan.symm_span is None:
-            return []
-        first, last = self.plan.symm_span
-        return [p for p in (first - 1, last) if p >= 1]
-
-    def applies(self, r: Range) -> bool:
-        return self.plan.symm_covers(r)
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
         _, last = self.plan.symm_span

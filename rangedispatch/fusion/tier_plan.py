@@ -166,16 +166,11 @@ class TierPlan:
         first = max(self.fused_end + 1, symm[1] + 1 if symm else 0, *starts)
         return (first, self.max_num_tokens) if first <= self.max_num_tokens else None
 
-    def fuses(self, r: Range) -> bool:
-        return r.end <= self.fused_end
-
-    def symm_covers(self, r: Range) -> bool:
-        span = self.symm_span
-        return span is not None and span[0] <= r.start and r.end <= span[1]
-
-    def sp_covers(self, r: Range) -> bool:
-        span = self.sp_span
-        return span is not None and span[0] <= r.start
+    def span(self, tier: str) -> Optional[tuple[int, int]]:
+        """The token counts ``[first, last]`` of ``tier`` ("fused", "symm_mem", "sequence_parallel"); None: none."""
+        if tier == "fused":
+            return (1, self.fused_end) if self.fused_end >= 1 else None
+        return self.symm_span if tier == "symm_mem" else self.sp_span
 
     def sp_serves(self, group_name: str) -> bool:
         """Whether the all-reduces of this group are sites the sequence-parallel tier serves."""
@@ -195,13 +190,27 @@ class TierPlan:
 
 
 class TierPass(GraphPass):
-    """A pass that replaces all-reduces in the ranges the model's tier plan gives its tier. Its op
-    has no backward: graphs that record gradients keep the original ops."""
+    """A pass that replaces all-reduces in the ranges the model's tier plan gives its ``tier``: it
+    asks for split points at the ends of that span and applies to the ranges inside it. Its ops
+    have no backward: graphs that record gradients keep the original ones."""
 
     inference_only = True
+    tier: str = ""
 
     def __init__(self, plan: TierPlan):
         self.plan = plan
+
+    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
+        self.plan.observe(gm)
+        span = self.plan.span(self.tier)
+        if span is None:
+            return []
+        first, last = span
+        return [p for p in (first - 1, last) if 1 <= p < self.plan.max_num_tokens]
+
+    def applies(self, r: Range) -> bool:
+        span = self.plan.span(self.tier)
+        return span is not None and span[0] <= r.start and r.end <= span[1]
 
     def config_key(self) -> str:
         return f"v{source_digest()}|{self.plan.key()}"
