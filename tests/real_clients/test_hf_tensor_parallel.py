@@ -17,7 +17,7 @@ CASES += [("llama", "dtensor_output")]  # use_local_output=False: the row-parall
 SITES = 4  # 2 layers x (attention output, MLP output): all-reduce -> (+ residual) -> RMSNorm
 
 
-def _matrix(rank, world, cases):
+def _matrix(rank, world, cases, overrides=(), seqs=SEQS):
     import hf_models
     from rangedispatch import RangeCompiledModule, load_config
 
@@ -25,17 +25,16 @@ def _matrix(rank, world, cases):
     results = {}
     for family, style in cases:
         model = hf_models.tensor_parallel(hf_models.build(family, torch.float32, hidden=HIDDEN), style)
-        m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+        m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024", *overrides]))
         errors = []
         with torch.no_grad():
-            for seq in SEQS:
+            for seq in seqs:
                 kwargs = hf_models.inputs(1, seq, mask=False)
                 got, want = m(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state
                 if type(got) is not torch.Tensor:  # DTensor outputs
                     got, want = got.full_tensor(), want.full_tensor()
                 errors.append((got - want).abs().max().item())
-        per_graph = sorted((str(r), rec.matches.get("allreduce_rmsnorm", 0))
-                           for g in m.graphs for r, rec in g.records.items())
+        per_graph = sorted((str(r), sum(rec.matches.values())) for g in m.graphs for r, rec in g.records.items())
         results[(family, style)] = dict(ranges=[str(r) for r in m.ranges], errors=errors, per_graph=per_graph)
     return results
 
@@ -58,3 +57,22 @@ def test_tensor_parallel_hf_model_fuses_like_the_handwritten_form(matrix, case):
         # every graph compiled for a fused range fused every site; none above the threshold
         assert res["per_graph"] == sorted([("[1,8]", SITES), ("[1,8]", SITES), (f"[33,{THRESHOLD}]", SITES),
                                            (f"[{THRESHOLD + 1},1024]", 0)])
+
+
+SP_CASES = [("llama", "handwritten"), ("llama", "dtensor")]
+
+
+def test_sequence_parallel_tier_on_hf_llama_matches_eager():
+    """Above the fused sizes, every site becomes reduce-scatter -> norm on a block of tokens ->
+    all-gather (odd token counts included), under hand-written and DTensor TP."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    sp = ["+hardware.thresholds.default.sp_min_bytes=65536"]
+    for rank_results in spawn_ranks(_matrix, 2, SP_CASES, sp, (1, 5, THRESHOLD + 45, 700), backend="gloo"):
+        for case in SP_CASES:
+            res = rank_results[case]
+            assert res["ranges"] == ["[1,8]", "[9,32]", f"[33,{THRESHOLD}]", f"[{THRESHOLD + 1},1024]"], case
+            assert max(res["errors"]) < 1e-4, (case, res["errors"])
+            assert (f"[{THRESHOLD + 1},1024]", SITES) in res["per_graph"], (case, res["per_graph"])
