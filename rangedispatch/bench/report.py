@@ -9,12 +9,13 @@ from typing import Iterable, Optional
 
 BASELINES = {"op": "nccl_compiled_norm", "model": "torch_compile", "hf_handwritten": "torch_compile",
              "hf_dtensor": "torch_compile", "hf_dtensor_output": "torch_compile"}
-STATIC = ("fusion_off", "fusion_everywhere")
+STATIC = ("fusion_off", "fusion_everywhere", "sequence_parallel")
 
 
 def annotate(rows: list[dict]) -> list[dict]:
     """Adds ``speedup`` (vs the level's baseline) to every row and ``vs_best_static`` (range dispatch
-    over the faster of fusion off / everywhere) to range-dispatch rows."""
+    over the fastest of fusion off, fusion everywhere, sequence parallelism everywhere) to
+    range-dispatch rows."""
     groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         groups[(r["level"], r["hidden"], r["fp8"], r["tokens"])][r["variant"]] = r

@@ -3,7 +3,8 @@
 Op level: the all-reduce + residual + RMSNorm (+ FP8) unit per kernel tier, each compiled variant
 through RangeCompiledModule. Model level: a TP block (N x column-parallel -> SiLU -> row-parallel ->
 all-reduce -> + residual -> RMSNorm) through plain torch.compile, RangeCompiledModule with fusion
-off, with fusion forced everywhere, and with range dispatch as the hardware profile says.
+off, with fusion forced everywhere, with sequence parallelism everywhere, and with range dispatch
+as the hardware profile says.
 HF level: a Hugging Face Llama-shaped decoder (attention included) under hand-written or DTensor
 tensor parallelism, through plain torch.compile and range dispatch.
 """
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from rangedispatch.bench.timing import time_us
 from rangedispatch.bench.units import AllReduceNorm
-from rangedispatch.config.schema import FusionConfig, TierThresholds, RangeDispatchConfig
+from rangedispatch.config.schema import FusionConfig, RangeDispatchConfig, TierThresholds
 from rangedispatch.bench.models import TPMLPBlock
 from rangedispatch.wrapper import RangeCompiledModule
 
@@ -44,6 +45,14 @@ def with_symm_mem(cfg: RangeDispatchConfig, world: int, oneshot: int) -> RangeDi
     t = TierThresholds(0, 0, symm_mem_max_bytes=EVERYWHERE, symm_mem_oneshot_max_bytes=oneshot)
     hardware = dataclasses.replace(cfg.hardware, thresholds={**cfg.hardware.thresholds, str(world): t})
     return dataclasses.replace(cfg, hardware=hardware, fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
+
+
+def with_sequence_parallel(cfg: RangeDispatchConfig, world: int, max_num_tokens: int) -> RangeDispatchConfig:
+    """``cfg`` with the sequence-parallel tier at every size (no fused or symmetric-memory tier)."""
+    sized = with_fusion(cfg, world, 0, 0, max_num_tokens)
+    t = TierThresholds(0, 0, sp_min_bytes=1)
+    return dataclasses.replace(sized, hardware=dataclasses.replace(
+        sized.hardware, thresholds={**sized.hardware.thresholds, str(world): t}))
 
 
 OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_oneshot", "fused_twoshot", "symm_mem_oneshot",
@@ -108,6 +117,7 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
         "torch_compile": plain,
         "fusion_off": RangeCompiledModule(model, with_fusion(cfg, world, None, max_num_tokens=max_n)),
         "fusion_everywhere": RangeCompiledModule(model, with_fusion(cfg, world, EVERYWHERE, None, max_n)),
+        "sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
         "range_dispatch": dispatch,
     }
     warm = torch.randn(16, hidden, dtype=torch.bfloat16, device=device)

@@ -44,7 +44,7 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     if "op" in bench.levels:
         total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(op_variants)
     if "model" in bench.levels:
-        total += len(bench.model_shapes) * len(bench.model_tokens) * 4
+        total += len(bench.model_shapes) * len(bench.model_tokens) * 5
     if "hf" in bench.levels:
         total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * 2
     step = _common.progress(total, rank, "timings")

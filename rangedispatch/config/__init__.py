@@ -5,12 +5,12 @@ from rangedispatch.config.schema import (
     CompileConfig,
     DispatchConfig,
     FusionConfig,
-    TierThresholds,
     HardwareConfig,
     RangeDispatchConfig,
+    TierThresholds,
 )
 
 __all__ = [
-    "CompileConfig", "DispatchConfig", "FusionConfig", "TierThresholds", "HardwareConfig",
-    "RangeDispatchConfig", "compose_config", "config_dir", "hardware_profiles", "load_config", "to_schema",
+    "CompileConfig", "DispatchConfig", "FusionConfig", "HardwareConfig", "RangeDispatchConfig", "TierThresholds",
+    "compose_config", "config_dir", "hardware_profiles", "load_config", "to_schema",
 ]

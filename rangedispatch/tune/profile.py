@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rangedispatch.config.schema import TierThresholds, HardwareConfig
+from rangedispatch.config.schema import HardwareConfig, TierThresholds
 from rangedispatch.tune.crossover import Thresholds
 
 
