@@ -33,7 +33,7 @@ def split_config(cfg: DictConfig):
 def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     import torch
 
-    from rangedispatch.bench import suites
+    from rangedispatch.bench import report, suites
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[rank0] %(message)s")
     lib, bench = split_config(OmegaConf.create(cfg_yaml))
@@ -49,23 +49,31 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * 2
     step = _common.progress(total, rank, "timings")
     rows, boundaries = [], {}
+
+    def keep(new_rows: list[dict]) -> None:
+        """Each finished sweep goes into results.csv at once: a stopped run keeps what it measured."""
+        rows.extend(new_rows)
+        if rank == 0:
+            Path(bench.out_dir).mkdir(parents=True, exist_ok=True)
+            report.write_csv(report.annotate([dict(r) for r in rows]), Path(bench.out_dir) / "results.csv")
+
     if "op" in bench.levels:
         for hidden in bench.op_hidden:
             for fp8 in bench.fp8:
-                rows += suites.op_level(lib, hidden, bench.op_tokens, fp8, bench.calls_per_graph, bench.replays, step,
-                                        variants=op_variants)
+                keep(suites.op_level(lib, hidden, bench.op_tokens, fp8, bench.calls_per_graph, bench.replays, step,
+                                     variants=op_variants))
     if "model" in bench.levels:
         for hidden, intermediate in bench.model_shapes:
             r, ranges = suites.model_level(lib, hidden, intermediate, bench.model_layers, bench.model_tokens,
                                            bench.calls_per_graph, bench.replays, step)
-            rows += r
+            keep(r)
             boundaries[hidden] = [int(x.strip("[]").split(",")[1]) for x in ranges][:-1]
     if "hf" in bench.levels:
         for hidden, intermediate in bench.hf_shapes:
             for style in bench.hf_tp:
                 r, _ = suites.hf_level(lib, hidden, intermediate, bench.model_layers, style, bench.hf_tokens,
                                        bench.calls_per_graph, bench.replays, step)
-                rows += r
+                keep(r)
     info = dict(card=torch.cuda.get_device_name() if cuda else f"CPU smoke run ({platform.processor() or 'cpu'})",
                 world_size=world, torch=torch.__version__,
                 date=str(datetime.date.today()), host=platform.node())
