@@ -162,6 +162,35 @@ def test_symm_mem_tier_fp32_equals_eager():
     assert {r: m.get("symm_mem_allreduce", 0) for _, r, m, _, _ in rows}["[1025,2048]"] == 2
 
 
+def _sequence_parallel(rank, world, cudagraph_sizes):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.bench.models import TPMLPBlock
+
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=4096, dtype=torch.bfloat16).cuda()
+    # the symm-mem tier to 4096 tokens (16 MiB), sequence parallelism above it
+    m = RangeCompiledModule(model, load_config([*SYMM_TIERS, "+hardware.thresholds.2.sp_min_bytes=16777216",
+                                                f"dispatch.cudagraph_sizes={cudagraph_sizes}"]))
+    rows = []
+    with torch.no_grad():
+        m.warmup(torch.randn(8, HIDDEN, dtype=torch.bfloat16, device="cuda"))
+        for n in (4097, 5001, 8191):  # odd counts: padded inside the ops (and up to a captured size)
+            x = torch.randn(n, HIDDEN, dtype=torch.bfloat16, device="cuda")
+            y, r = m(x.clone())
+            ye, re = model(x.clone())
+            rows.append((n, str(m.range_for(n)), m.stats()[m.range_for(n)]["matches"], rel_err(y, ye), rel_err(r, re)))
+    return [str(r) for r in m.ranges], rows, {str(k): v["cudagraphs"] for k, v in m.stats().items() if v["cudagraphs"]}
+
+
+def test_sequence_parallel_tier_with_cudagraphs_equals_eager():
+    ranges, rows, captured = spawn_ranks(_sequence_parallel, 2, [6144, 8192], backend="nccl")[0]
+    assert ranges == ["[1,2048]", "[2049,4096]", "[4097,8192]"]
+    assert captured == {"[4097,8192]": [6144, 8192]}
+    for n, r, matches, out_err, res_err in rows:
+        assert r == "[4097,8192]" and matches == {"sequence_parallel": 2}, (n, r, matches)
+        assert out_err < 1e-2 and res_err < 1e-2, (n, out_err, res_err)
+
+
 def _hf_dtensor(rank, world):
     from rangedispatch import RangeCompiledModule, load_config
     from rangedispatch.bench import hf_models
