@@ -180,9 +180,11 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
 
     measured = crossover.Thresholds(4096, 4096, [], {64: 4096}, symm_mem_min_bytes=1024, symm_mem_max_bytes=65536,
                                     symm_mem_oneshot_max_bytes=8192)
-    profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, measured,
-                                                   load_config(["hardware=h100"]).hardware, ["test"]))
-    t = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware.thresholds_for(2)
+    base = load_config(["hardware=h100", "+hardware.thresholds.4.sp_min_bytes=8388608"]).hardware
+    profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, measured, base, ["test"]))
+    hw = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware
+    assert hw.thresholds_for(4).sp_min_bytes == 8388608  # kept from the base profile, every key of it
+    t = hw.thresholds_for(2)
     assert (t.fused_max_bytes_by_hidden, t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (
         {"64": 4096}, 1024, 65536, 8192)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rangedispatch.config.schema import HardwareConfig, TierThresholds
@@ -30,13 +31,18 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
 
 
 def _entry(t: TierThresholds) -> list[str]:
-    lines = [f"    fused_max_bytes: {t.fused_max_bytes}", f"    oneshot_max_bytes: {t.oneshot_max_bytes}"]
-    if t.fused_max_bytes_by_hidden:
-        lines.append("    fused_max_bytes_by_hidden:")
-        lines += [f'      "{h}": {b}' for h, b in t.fused_max_bytes_by_hidden.items()]
-    if t.symm_mem_max_bytes:
-        lines += [f"    symm_mem_min_bytes: {t.symm_mem_min_bytes}", f"    symm_mem_max_bytes: {t.symm_mem_max_bytes}",
-                  f"    symm_mem_oneshot_max_bytes: {t.symm_mem_oneshot_max_bytes}"]
+    """Every key of ``t`` the profile needs: the two fused ones always, the others where they differ
+    from their default (so a key added to ``TierThresholds`` is never dropped from a kept entry)."""
+    lines = []
+    for f in dataclasses.fields(TierThresholds):
+        value = getattr(t, f.name)
+        if f.name not in ("fused_max_bytes", "oneshot_max_bytes") and value == getattr(TierThresholds(), f.name):
+            continue
+        if isinstance(value, dict):
+            lines.append(f"    {f.name}:")
+            lines += [f'      "{k}": {v}' for k, v in value.items()]
+        else:
+            lines.append(f"    {f.name}: {value}")
     return lines
 
 
