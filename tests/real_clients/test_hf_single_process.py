@@ -16,21 +16,32 @@ CASES = [pytest.param(f, d, marks=() if (f, d) in CI else pytest.mark.slow)
          for f in FAMILIES for d in ("float32", "bfloat16")]
 
 
+def assert_matches_eager(got, want):
+    """fp32: element by element. bf16: Inductor's kernels keep fp32 intermediates where eager rounds
+    to bf16 after every op, so single elements near zero differ by several bf16 steps; the relative
+    L2 error is compared, with the margin plain torch.compile needs too (Gemma2 bf16: torch.compile
+    vs eager 0.8-1.5%, rangedispatch vs eager 0.8-1.4%, same seeds and calls)."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    else:
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < 3e-2, err
+
+
 @pytest.mark.parametrize("family,dtype_name", CASES)
 def test_hf_model_any_first_call_with_and_without_mask(family, dtype_name):
     dtype = getattr(torch, dtype_name)
     model = build(family, dtype)
     m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=512",
                                                 "dispatch.split_points=[8]"]))
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     with torch.no_grad():
         for seq in SEQS:
             for mask in (False, True):
                 kwargs = inputs(1, seq, mask)
                 got = m(**kwargs).last_hidden_state
-                torch.testing.assert_close(got, model(**kwargs).last_hidden_state, **tol)
+                assert_matches_eager(got, model(**kwargs).last_hidden_state)
         kwargs = inputs(3, 11, True)  # batch 3: 33 tokens
-        torch.testing.assert_close(m(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state, **tol)
+        assert_matches_eager(m(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state)
     calls = {str(r): s["calls"] for r, s in m.stats().items()}
     assert calls == {"[1,8]": 4, "[9,512]": 5}
     # graphs: (batch 1, seq 1) and (batch 1, any seq), each with and without a mask, and any batch
