@@ -11,6 +11,8 @@ every range of token counts can use the tier. The collectives run through the pr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -27,6 +29,7 @@ def _rows(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _block_rows(tokens, world):
+    """Rows of one rank's block: the token count over the world size, rounded up."""
     return (tokens + world - 1) // world
 
 
@@ -41,9 +44,12 @@ def sp_reduce_scatter(input: torch.Tensor, group_name: str) -> torch.Tensor:
 def sp_shard(input: torch.Tensor, group_name: str) -> torch.Tensor:
     """This rank's block of token rows of ``input`` (which every rank holds whole)."""
     group = process_group(group_name)
-    rows = _rows(input, group.size())
-    block = rows.shape[0] // group.size()
-    return rows[dist.get_rank(group) * block:(dist.get_rank(group) + 1) * block].clone()
+    flat = input.reshape(-1, input.shape[-1])
+    block = _block_rows(flat.shape[0], group.size())
+    start = dist.get_rank(group) * block
+    part = flat[start:start + block]  # the last ranks' blocks may run past the tokens: zero rows there
+    short = block - part.shape[0]
+    return torch.nn.functional.pad(part, (0, 0, 0, short)) if short else part.clone()
 
 
 @torch.library.custom_op("rangedispatch::sp_all_gather", mutates_args=())
@@ -51,22 +57,16 @@ def sp_all_gather(shard: torch.Tensor, group_name: str, shape: list[int]) -> tor
     """Every rank's block put back together, cut to the tokens of ``shape`` and viewed as it."""
     world = process_group(group_name).size()
     full = _funcol.wait_tensor(_funcol.all_gather_into_tensor(shard.contiguous(), world, group_name))
-    tokens = 1
-    for size in shape[:-1]:
-        tokens *= size
-    return full[:tokens].reshape(shape).clone()
+    return full[:math.prod(shape[:-1])].view(shape)  # a view of the gathered tensor, not of an input
 
 
-@sp_reduce_scatter.register_fake
-def _(input, group_name):
+def _block_like(input, group_name):
     world = process_group(group_name).size()
     return input.new_empty((_block_rows(input.numel() // input.shape[-1], world), input.shape[-1]))
 
 
-@sp_shard.register_fake
-def _(input, group_name):
-    world = process_group(group_name).size()
-    return input.new_empty((_block_rows(input.numel() // input.shape[-1], world), input.shape[-1]))
+sp_reduce_scatter.register_fake(_block_like)
+sp_shard.register_fake(_block_like)
 
 
 @sp_all_gather.register_fake
