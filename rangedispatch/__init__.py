@@ -20,7 +20,7 @@ from typing import Any
 
 from rangedispatch.ranges import Range
 
-__all__ = ["Range", "RangeCompiledModule", "load_config"]
+__all__ = ["Range", "RangeCompiledModule", "load_config", "release_cuda_graphs"]
 __version__ = "0.1.0"
 
 
@@ -33,4 +33,8 @@ def __getattr__(name: str) -> Any:
         from rangedispatch.config import load_config
 
         return load_config
+    if name == "release_cuda_graphs":
+        from rangedispatch.cudagraphs import release_cuda_graphs
+
+        return release_cuda_graphs
     raise AttributeError(f"module 'rangedispatch' has no attribute {name!r}")

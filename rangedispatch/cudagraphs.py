@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -93,6 +94,22 @@ class CapturedInputs:
                 buf.copy_(live)
 
 
+_RUNNERS: "weakref.WeakSet[CudaGraphRunner]" = weakref.WeakSet()
+
+
+def release_cuda_graphs() -> int:
+    """Frees every CUDA graph rangedispatch captured in this process and returns how many; each
+    is captured again by the next call of its size. Call it before
+    ``torch.distributed.destroy_process_group()``: NCCL cannot destroy a communicator while a graph
+    that captured its collectives exists, and destroying it hangs."""
+    freed = 0
+    for runner in list(_RUNNERS):
+        freed += len(runner.captured)
+        runner.captured.clear()
+        runner.pool = None
+    return freed
+
+
 class CudaGraphRunner:
     """Captures and replays one CUDA graph per configured size."""
 
@@ -105,6 +122,7 @@ class CudaGraphRunner:
         self.captured: dict[int, CapturedCall] = {}
         self.pool: Any = None
         self.warned = False
+        _RUNNERS.add(self)
 
     def size_for(self, r: Range, n: int) -> Optional[int]:
         """The captured size serving ``n`` tokens in range ``r``: the smallest size >= n inside r."""

@@ -52,12 +52,19 @@ class CompilePolicy:
 
     passes: list[GraphPass]
     max_autotune: str  # compile.max_autotune: "never", "single_sizes" or "always"
+    max_autotune_gemm: bool = True  # compile.max_autotune_gemm
 
     def passes_for(self, r: Range) -> list[GraphPass]:
         return [p for p in self.passes if p.applies(r)]
 
-    def max_autotune_for(self, r: Range) -> bool:
-        return self.max_autotune == "always" or (self.max_autotune == "single_sizes" and r.is_single_size)
+    def inductor_options(self, r: Range) -> dict[str, Any]:
+        """Inductor options for ``r``'s graphs: those of torch.compile's "max-autotune-no-cudagraphs"
+        mode where it autotunes (the wrapper captures CUDA graphs itself), none elsewhere."""
+        from torch._inductor import list_mode_options
+
+        if self.max_autotune == "always" or (self.max_autotune == "single_sizes" and r.is_single_size):
+            return {**list_mode_options("max-autotune-no-cudagraphs"), "max_autotune": self.max_autotune_gemm}
+        return {}
 
 
 def _free_symbols(values: Sequence[Any]) -> set:
@@ -338,9 +345,7 @@ class RangeCompiler:
         pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass)
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
         start = time.perf_counter()
-        patch = {"post_grad_custom_post_pass": pipeline}
-        if self.policy.max_autotune_for(r):
-            patch["max_autotune"] = True
+        patch = {"post_grad_custom_post_pass": pipeline, **self.policy.inductor_options(r)}
         with inductor_config.patch(patch), _generated_code() as code:
             fn = _compile_fx(graph.gm, inputs, symbolic)
         seconds = time.perf_counter() - start

@@ -54,7 +54,8 @@ class RangeCompiledModule(nn.Module):
         self._calls: dict[Range, int] = {}
         self._extra_sizes: list[int] = []
         self._warned: set[str] = set()
-        self._compiler = RangeCompiler(CompilePolicy(self.passes, self.config.compile.max_autotune), d.max_num_tokens,
+        self._compiler = RangeCompiler(CompilePolicy(self.passes, self.config.compile.max_autotune,
+                                                     self.config.compile.max_autotune_gemm), d.max_num_tokens,
                                        tokens_now=self._pending_tokens)
         self._state = self._compiler.state
         self._lock = compile_lock()

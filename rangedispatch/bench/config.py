@@ -37,6 +37,10 @@ class BenchConfig:
     hf_shapes: list[list[int]] = field(default_factory=lambda: [[4096, 14336], [8192, 28672]])
     hf_tp: list[str] = field(default_factory=lambda: ["handwritten", "dtensor"])
     hf_tokens: list[int] = field(default_factory=lambda: [1, 32, 128, 512, 2048, 8192])
+    # Model and HF levels: when set, range dispatch is also timed with these token counts as graphs
+    # of their own (dispatch.compile_sizes, autotuned as compile.max_autotune says), as the variant
+    # range_dispatch_sizes. Range-dispatch rows record their range's compile seconds either way.
+    compile_sizes: list[int] = field(default_factory=list)
     # Timing: calls captured per CUDA graph, and graph replays (the median is reported).
     calls_per_graph: int = 10
     replays: int = 20
@@ -71,6 +75,7 @@ class BenchConfig:
             check_choice(f"{k}.hf_tp", style, ("handwritten", "dtensor", "dtensor_output"))
         self.hf_tokens = check_int_list(f"{k}.hf_tokens", self.hf_tokens, lo=1)
         self.model_tokens = check_int_list(f"{k}.model_tokens", self.model_tokens, lo=1)
+        self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, lo=1)
         check_int(f"{k}.calls_per_graph", self.calls_per_graph, lo=1)
         check_int(f"{k}.replays", self.replays, lo=1)
         check_str(f"{k}.out_dir", self.out_dir)

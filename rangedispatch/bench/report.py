@@ -31,8 +31,8 @@ def annotate(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    fields = ["level", "hidden", "fp8", "tokens", "variant", "us", "speedup", "vs_best_static", "range", "matches",
-              "rel_err", "method"]
+    fields = ["level", "hidden", "fp8", "tokens", "variant", "us", "speedup", "vs_best_static", "range", "compile_s",
+              "matches", "rel_err", "method"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -59,7 +59,10 @@ def table(rows: Iterable[dict]) -> str:
     out = []
     for (level, hidden, fp8), by_tokens in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         variants = list(dict.fromkeys(v for vs in by_tokens.values() for v in vs))
-        extra = ["range", "vs best static"] if level == "model" else ["range", "matches", "rel err"] if level.startswith("hf") else []
+        extra = (["range", "vs best static"] if level == "model" else ["range", "matches", "rel err"]
+                 if level.startswith("hf") else [])
+        compiled = [v for v in variants if v.startswith("range_dispatch")] if extra else []
+        extra += [f"compile s ({' / '.join(compiled)})"] if compiled else []
         out.append(f"\n### {level} level, hidden {hidden}, bf16{', FP8 quant' if fp8 else ''} (us per call; x = speedup vs {BASELINES[level]})\n")
         out.append("| tokens | " + " | ".join(variants + extra) + " |")
         out.append("|" + "---|" * (len(variants) + len(extra) + 1))
@@ -72,6 +75,8 @@ def table(rows: Iterable[dict]) -> str:
                 rd = by_tokens[n].get("range_dispatch", {})
                 keys = ("range", "vs_best_static") if level == "model" else ("range", "matches", "rel_err")
                 cells += [str(rd.get(k, "")) for k in keys]
+                if compiled:
+                    cells.append(" / ".join(str(by_tokens[n].get(v, {}).get("compile_s", "")) for v in compiled))
             out.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

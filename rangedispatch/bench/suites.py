@@ -100,8 +100,33 @@ def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: 
     return rows
 
 
+def range_dispatch_variants(model: torch.nn.Module, cfg: RangeDispatchConfig, max_n: int,
+                            compile_sizes: Sequence[int]) -> dict[str, RangeCompiledModule]:
+    """``range_dispatch`` (the hardware profile's thresholds as they are, ranges up to ``max_n``) and,
+    if ``compile_sizes``, ``range_dispatch_sizes`` (the same with those sizes as graphs of their own)."""
+    def sized(extra: Sequence[int]) -> RangeDispatchConfig:
+        d = cfg.dispatch
+        return dataclasses.replace(cfg, dispatch=dataclasses.replace(
+            d, max_num_tokens=max_n, split_points=[p for p in d.split_points if p < max_n],
+            compile_sizes=sorted({n for n in (*d.compile_sizes, *extra) if n <= max_n})))
+
+    variants = {"range_dispatch": RangeCompiledModule(model, sized(()))}
+    if compile_sizes:
+        variants["range_dispatch_sizes"] = RangeCompiledModule(model, sized(compile_sizes))
+    return variants
+
+
+def _dispatch_facts(fn: Callable, n: int) -> dict:
+    """The range that serves ``n`` tokens and the seconds its graphs took to compile."""
+    if not isinstance(fn, RangeCompiledModule):
+        return {}
+    r = fn.range_for(n)
+    return dict(range=str(r), compile_s=round(fn.stats()[r]["compile_s"], 1))
+
+
 def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, tokens: Iterable[int],
-                calls: int, replays: int, progress: Callable[[], None]) -> tuple[list[dict], list[str]]:
+                calls: int, replays: int, progress: Callable[[], None],
+                compile_sizes: Sequence[int] = ()) -> tuple[list[dict], list[str]]:
     world = dist.get_world_size()
     tokens = list(tokens)
     max_n = max(tokens)
@@ -109,16 +134,13 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
     torch.manual_seed(0)
     model = TPMLPBlock(hidden=hidden, intermediate=intermediate, layers=layers, norm="functional",
                        dtype=torch.bfloat16).to(device)
-    plain = torch.compile(model)
-    as_profiled = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, max_num_tokens=max_n,
-                                      split_points=[p for p in cfg.dispatch.split_points if p < max_n]))
-    dispatch = RangeCompiledModule(model, as_profiled)  # the hardware profile's thresholds, as they are
+    dispatch = range_dispatch_variants(model, cfg, max_n, compile_sizes)
     variants: dict[str, Callable] = {
-        "torch_compile": plain,
+        "torch_compile": torch.compile(model),
         "fusion_off": RangeCompiledModule(model, with_fusion(cfg, world, None, max_num_tokens=max_n)),
         "fusion_everywhere": RangeCompiledModule(model, with_fusion(cfg, world, EVERYWHERE, None, max_n)),
         "sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
-        "range_dispatch": dispatch,
+        **dispatch,
     }
     warm = torch.randn(16, hidden, dtype=torch.bfloat16, device=device)
     torch._dynamo.mark_dynamic(warm, 0)
@@ -131,16 +153,15 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
         for name, fn in variants.items():
             with torch.no_grad():
                 us, method = time_us(lambda: fn(x), calls, replays)
-            row = dict(level="model", hidden=hidden, tokens=n, fp8=False, variant=name, us=round(us, 2), method=method)
-            if name == "range_dispatch":
-                row["range"] = str(dispatch.range_for(n))
-            rows.append(row)
+            rows.append(dict(level="model", hidden=hidden, tokens=n, fp8=False, variant=name, us=round(us, 2),
+                             method=method, **(_dispatch_facts(fn, n) if name in dispatch else {})))
             progress()
-    return rows, [str(r) for r in dispatch.ranges]
+    return rows, [str(r) for r in dispatch["range_dispatch"].ranges]
 
 
 def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, style: str,
-             tokens: Iterable[int], calls: int, replays: int, progress: Callable[[], None]) -> tuple[list[dict], list[str]]:
+             tokens: Iterable[int], calls: int, replays: int, progress: Callable[[], None],
+             compile_sizes: Sequence[int] = ()) -> tuple[list[dict], list[str]]:
     """Rows of level ``hf_<style>``: ``LlamaModel(input_ids=[1, n])``, bf16, heads of 128, 8 KV heads
     (Llama 3: at least one per rank up to TP=8)."""
     from rangedispatch.bench import hf_models
@@ -151,10 +172,8 @@ def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: i
     model = hf_models.build("llama", hidden, intermediate, layers, heads=max(hidden // 128, 8), kv_heads=8, vocab=32000,
                             dtype=torch.bfloat16, device=device)
     model = hf_models.tensor_parallel(model, style)
-    as_profiled = dataclasses.replace(cfg, dispatch=dataclasses.replace(cfg.dispatch, max_num_tokens=max_n,
-                                      split_points=[p for p in cfg.dispatch.split_points if p < max_n]))
-    dispatch = RangeCompiledModule(model, as_profiled)
-    variants: dict[str, Callable] = {"torch_compile": torch.compile(model), "range_dispatch": dispatch}
+    dispatch = range_dispatch_variants(model, cfg, max_n, compile_sizes)
+    variants: dict[str, Callable] = {"torch_compile": torch.compile(model), **dispatch}
     level = f"hf_{style}"
 
     def ids(n: int) -> torch.Tensor:
@@ -172,12 +191,11 @@ def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: i
                 us, method = time_us(lambda: fn(input_ids=x, use_cache=False), calls, replays)
                 row = dict(level=level, hidden=hidden, tokens=n, fp8=False, variant=name, us=round(us, 2),
                            method=method)
-                if name == "range_dispatch":
-                    st = dispatch.stats()[dispatch.range_for(n)]
-                    row["range"] = str(dispatch.range_for(n))
-                    row["matches"] = st["matches"].get("allreduce_rmsnorm", 0)
-                    a, b = outs["range_dispatch"], outs["torch_compile"]
+                if name in dispatch:
+                    row.update(_dispatch_facts(fn, n))
+                    row["matches"] = fn.stats()[fn.range_for(n)]["matches"].get("allreduce_rmsnorm", 0)
+                    a, b = outs[name], outs["torch_compile"]
                     row["rel_err"] = round(((a - b).norm() / b.norm()).item(), 5)
                 rows.append(row)
                 progress()
-    return rows, [str(r) for r in dispatch.ranges]
+    return rows, [str(r) for r in dispatch["range_dispatch"].ranges]

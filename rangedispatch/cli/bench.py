@@ -44,9 +44,9 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     if "op" in bench.levels:
         total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(op_variants)
     if "model" in bench.levels:
-        total += len(bench.model_shapes) * len(bench.model_tokens) * 5
+        total += len(bench.model_shapes) * len(bench.model_tokens) * (5 + bool(bench.compile_sizes))
     if "hf" in bench.levels:
-        total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * 2
+        total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * (2 + bool(bench.compile_sizes))
     step = _common.progress(total, rank, "timings")
     rows, boundaries = [], {}
 
@@ -65,14 +65,14 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     if "model" in bench.levels:
         for hidden, intermediate in bench.model_shapes:
             r, ranges = suites.model_level(lib, hidden, intermediate, bench.model_layers, bench.model_tokens,
-                                           bench.calls_per_graph, bench.replays, step)
+                                           bench.calls_per_graph, bench.replays, step, bench.compile_sizes)
             keep(r)
             boundaries[hidden] = [int(x.strip("[]").split(",")[1]) for x in ranges][:-1]
     if "hf" in bench.levels:
         for hidden, intermediate in bench.hf_shapes:
             for style in bench.hf_tp:
                 r, _ = suites.hf_level(lib, hidden, intermediate, bench.model_layers, style, bench.hf_tokens,
-                                       bench.calls_per_graph, bench.replays, step)
+                                       bench.calls_per_graph, bench.replays, step, bench.compile_sizes)
                 keep(r)
     info = dict(card=torch.cuda.get_device_name() if cuda else f"CPU smoke run ({platform.processor() or 'cpu'})",
                 world_size=world, torch=torch.__version__,

@@ -67,7 +67,9 @@ class DispatchConfig:
     skip_dynamo_guards: bool = False
     # Token counts to capture one CUDA graph each for (CUDA inputs only): a call pads up to the next
     # listed size inside its range and gets its outputs sliced back. Integers in [1, max_num_tokens];
-    # needs a single token_dim.
+    # needs a single token_dim. Call rangedispatch.release_cuda_graphs() before
+    # torch.distributed.destroy_process_group(): NCCL cannot destroy a communicator while a graph
+    # that captured its collectives exists (destroying it hangs).
     cudagraph_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -105,12 +107,18 @@ class CompileConfig:
 
     SECTION: ClassVar[str] = "compile"
 
-    # Inductor max-autotune for "never" no graph, "single_sizes" the static single-size graphs only
-    # (tuning pays for a fixed size and costs compile time everywhere), "always" every graph.
+    # Which graphs Inductor max-autotunes (torch.compile's "max-autotune-no-cudagraphs" options:
+    # GEMM autotuning, and coordinate-descent tuning, which also turns 1-row matmuls into tuned
+    # reductions): "never" none, "single_sizes" the static single-size graphs only (tuning pays for a
+    # fixed size and costs compile time everywhere), "always" every graph.
     max_autotune: str = "single_sizes"
+    # Within max-autotune, also search GEMM kernels (Inductor's Triton templates against cuBLAS).
+    # false: cuBLAS stays, only the generated kernels are tuned (coordinate descent).
+    max_autotune_gemm: bool = True
 
     def __post_init__(self) -> None:
         check_choice(f"{self.SECTION}.max_autotune", self.max_autotune, MAX_AUTOTUNE_MODES)
+        check_bool(f"{self.SECTION}.max_autotune_gemm", self.max_autotune_gemm)
 
 
 @dataclass
