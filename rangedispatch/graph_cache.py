@@ -52,7 +52,7 @@ class CompilePolicy:
 
     passes: list[GraphPass]
     max_autotune: str  # compile.max_autotune: "never", "single_sizes" or "always"
-    max_autotune_gemm: bool = True  # compile.max_autotune_gemm
+    max_autotune_gemm: bool  # compile.max_autotune_gemm
 
     def passes_for(self, r: Range) -> list[GraphPass]:
         return [p for p in self.passes if p.applies(r)]

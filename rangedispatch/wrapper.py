@@ -116,7 +116,7 @@ class RangeCompiledModule(nn.Module):
         d = self.config.dispatch
         from_passes = self._compiler.split_points
         points = set(d.split_points) | from_passes
-        table = RangeTable(points, [*d.compile_sizes, *self._extra_sizes], d.max_num_tokens)
+        table = RangeTable(points, [*self.config.compile_sizes, *self._extra_sizes], d.max_num_tokens)
         self._calls = {r: 0 for r in table.ranges}
         added = sorted(from_passes - set(d.split_points))
         log.info("ranges: %s%s", " ".join(map(str, table.ranges)),
@@ -297,7 +297,7 @@ class RangeCompiledModule(nn.Module):
         if self._table is not None:
             return self._table.ranges
         d = self.config.dispatch
-        return RangeTable(d.split_points, d.compile_sizes, d.max_num_tokens).ranges
+        return RangeTable(d.split_points, self.config.compile_sizes, d.max_num_tokens).ranges
 
     @property
     def graphs(self) -> list:

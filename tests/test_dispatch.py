@@ -59,6 +59,29 @@ def test_only_used_ranges_compile_and_single_sizes_win():
     torch.testing.assert_close(y, model(*args))
 
 
+def test_hardware_profile_compile_sizes_join_the_ranges():
+    model, m = make("+hardware.compile_sizes=[1,100]", "dispatch.compile_sizes=[20]", "compile.max_autotune=never")
+    # 100 is above dispatch.max_num_tokens (64): not used
+    assert m.ranges == [Range(1, 1), Range(1, 8), Range(9, 32), Range(20, 20), Range(33, 64)]
+    run(m, 5)
+    y, args = run(m, 1)
+    torch.testing.assert_close(y, model(*args))
+    stats = m.stats()
+    assert m.range_for(1) == Range(1, 1) and stats[Range(1, 1)]["calls"] == 1 and stats[Range(1, 1)]["compiled"]
+
+
+def test_max_autotune_takes_torch_compile_mode_options_where_it_applies():
+    from rangedispatch.graph_cache import CompilePolicy
+
+    single, ranged = Range(4, 4), Range(1, 8)
+    default = CompilePolicy([], "single_sizes", max_autotune_gemm=False)
+    assert default.inductor_options(ranged) == {}
+    assert default.inductor_options(single) == {"max_autotune": False, "coordinate_descent_tuning": True}
+    always = CompilePolicy([], "always", max_autotune_gemm=True)
+    assert always.inductor_options(ranged) == {"max_autotune": True, "coordinate_descent_tuning": True}
+    assert CompilePolicy([], "never", max_autotune_gemm=True).inductor_options(single) == {}
+
+
 def test_warmup_compiles_every_range():
     model, m = make("dispatch.compile_sizes=[16]", "compile.max_autotune=never")
     with pytest.raises(NotTracedError, match="warmup\\(\\) needs example inputs"):

@@ -71,9 +71,12 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     rows = []
     for repeat in range(tune.repeats):
         for hidden in tune.hidden:
-            # the fused workspace is sized for max_num_tokens: only as large as this sweep needs
-            sized = dataclasses.replace(lib, dispatch=dataclasses.replace(
-                lib.dispatch, max_num_tokens=max(16, *tune.tokens(hidden)), split_points=[], compile_sizes=[]))
+            # the fused workspace is sized for max_num_tokens: only as large as this sweep needs; every
+            # size runs the same range graph (no single-size graphs, which would be autotuned)
+            sized = dataclasses.replace(
+                lib, dispatch=dataclasses.replace(lib.dispatch, max_num_tokens=max(16, *tune.tokens(hidden)),
+                                                  split_points=[], compile_sizes=[]),
+                hardware=dataclasses.replace(lib.hardware, compile_sizes=[]))
             for fp8 in tune.fp8:
                 series = [dict(repeat=repeat, hidden=hidden, fp8=fp8, tokens=r["tokens"],
                                bytes=r["tokens"] * hidden * 2, tier=tiers[r["variant"]], us=r["us"])

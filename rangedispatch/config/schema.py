@@ -113,8 +113,9 @@ class CompileConfig:
     # fixed size and costs compile time everywhere), "always" every graph.
     max_autotune: str = "single_sizes"
     # Within max-autotune, also search GEMM kernels (Inductor's Triton templates against cuBLAS).
-    # false: cuBLAS stays, only the generated kernels are tuned (coordinate descent).
-    max_autotune_gemm: bool = True
+    # false: cuBLAS stays, only the generated kernels are tuned (coordinate descent). Off by
+    # default: on H200 the templates it picked made 32- and 128-token Llama graphs slower than cuBLAS.
+    max_autotune_gemm: bool = False
 
     def __post_init__(self) -> None:
         check_choice(f"{self.SECTION}.max_autotune", self.max_autotune, MAX_AUTOTUNE_MODES)
@@ -190,6 +191,10 @@ class HardwareConfig:
     # Thresholds per world size: keys are world sizes as strings ("2", "4", "8") or "default" for
     # any world size not listed.
     thresholds: dict[str, TierThresholds] = field(default_factory=lambda: {"default": TierThresholds()})
+    # Token counts measured to run faster on this hardware as graphs of their own (1: one sequence
+    # decoding, where coordinate-descent tuning turns each 1-row matmul into a tuned reduction).
+    # Added to dispatch.compile_sizes; those above dispatch.max_num_tokens are not used.
+    compile_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         k = self.SECTION
@@ -228,6 +233,7 @@ class HardwareConfig:
             t.fused_max_bytes_by_hidden = by_hidden
             normalized[ws] = t
         self.thresholds = normalized
+        self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, lo=1)
 
     def thresholds_for(self, world_size: int) -> TierThresholds:
         """The thresholds for ``world_size``; a profile without that size nor a default never fuses."""
@@ -248,3 +254,9 @@ class RangeDispatchConfig:
                           ("fusion", FusionConfig), ("hardware", HardwareConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise fail(name, getattr(self, name), f"a {cls.__name__}")
+
+    @property
+    def compile_sizes(self) -> list[int]:
+        """The single-size graphs: dispatch.compile_sizes and the hardware profile's (up to max_num_tokens)."""
+        profile = [n for n in self.hardware.compile_sizes if n <= self.dispatch.max_num_tokens]
+        return sorted({*self.dispatch.compile_sizes, *profile})

@@ -17,6 +17,8 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
     lines += [f"name: {name}", f"fused_backend: {fused_backend}"]
     if device_name:
         lines.append(f"device_name: {device_name!r}")
+    if base.compile_sizes:
+        lines.append(f"compile_sizes: {base.compile_sizes}  # kept from profile {base.name!r} (tune does not measure them)")
     lines.append("thresholds:")
     entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
     order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))
