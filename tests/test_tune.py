@@ -75,6 +75,28 @@ def test_most_restrictive_series_wins_and_first_loss_means_never():
     assert never.fused_max_bytes == 0 and never.oneshot_max_bytes == 0
 
 
+def _sp_rows(series):
+    """series: {hidden: [(tokens, block without, block with sequence parallelism)]}."""
+    return [dict(hidden=hidden, fp8=False, tokens=tokens, bytes=tokens * hidden * 2, tier=tier, us=us)
+            for hidden, points in series.items() for tokens, nccl, sp in points
+            for tier, us in (("block_nccl", nccl), ("block_sp", sp))]
+
+
+def test_sequence_parallel_pays_from_the_trailing_run_of_wins():
+    op = _rows({(2048, False): [(1, 10, 5, None), (64, 20, 10, 12)], (4096, False): [(1, 10, 5, None)]})
+    # hidden 2048: loses, a noisy win at 512 tokens, loses, then wins from 4096 tokens (16 MiB) to the end
+    wins_late = [(256, 100, 110), (512, 200, 190), (1024, 400, 430), (2048, 800, 820), (4096, 1600, 1500),
+                 (8192, 3200, 3000), (16384, 6400, 6000)]
+    wins_early = [(512, 200, 190), (1024, 400, 380), (2048, 800, 760), (4096, 1600, 1550)]  # from 4 MiB
+    t = thresholds(op + _sp_rows({2048: wins_late, 4096: wins_early}))
+    assert [s.sp_from for s in t.series] == [4096 * 2048 * 2, 512 * 4096 * 2]
+    assert t.sp_min_bytes == 16 * MiB  # the latest start over the series
+    loses_last = wins_early[:-1] + [(4096, 1600, 1700)]
+    t = thresholds(op + _sp_rows({2048: wins_late, 4096: loses_last}))
+    assert t.series[1].sp_from == 0 and t.sp_min_bytes == 0  # one series never pays at its largest size: no tier
+    assert thresholds(op).sp_min_bytes == 0 and thresholds(op).series[0].sp_from is None  # not measured
+
+
 def _symm_rows(series):
     """series: {hidden: [(tokens, nccl, fused, symm)]} at bf16 without FP8 (one-shot tiers only)."""
     rows = []
@@ -162,7 +184,8 @@ def test_tune_cli_on_cpu_measures_the_reference_tier(tmp_path):
     import sys
 
     out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.tune", "tune.name=cpubox", "tune.hidden=[64]",
-                          "tune.max_bytes=512", "tune.repeats=1", "tune.replays=2", "tune.fp8=[false]",
+                          "tune.max_bytes=512", "tune.sp_max_bytes=512", "tune.repeats=1", "tune.replays=2",
+                          "tune.fp8=[false]",
                           f"tune.out_dir={tmp_path}"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "CPU: measuring the reference tier" in out and "Spread between repeats" in out
     assert "up to 512 B per rank" in out  # sizes as people read them, not 0.000488281 MiB
@@ -170,8 +193,11 @@ def test_tune_cli_on_cpu_measures_the_reference_tier(tmp_path):
 
     hw = load_config(["hardware=cpubox"], config_dirs=[tmp_path]).hardware
     assert hw.name == "cpubox" and hw.fused_backend == "reference"
-    # written by the ranks as they measure: header + tokens 1, 2, 4 x 2 tiers
-    assert (tmp_path / "sweep.csv").read_text().count("\n") == 1 + 3 * 2
+    assert "Sequence-parallel tier (2-layer TP block, sequence parallelism vs NCCL) per repeat:" in out
+    # written by the ranks as they measure: header + tokens 1, 2, 4 x (2 op-level tiers + the 2-layer block
+    # without and with sequence parallelism)
+    sweep = (tmp_path / "sweep.csv").read_text()
+    assert sweep.count("\n") == 1 + 3 * 2 + 3 * 2 and sweep.count(",block_sp,") == 3
 
 
 def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):

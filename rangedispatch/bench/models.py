@@ -52,13 +52,14 @@ class TPMLPBlock(nn.Module):
     RMSNorm [-> static FP8 quant -> dequant]). Each rank holds 1/world_size of the intermediate dim.
 
     ``forward(x)`` returns ``(out, residual)``; with ``residual=False`` the residual add is left out
-    and the second output is the last all-reduced value.
+    and the second output is the last all-reduced value. With ``return_residual=False`` it returns
+    ``out`` alone, as a decoder's last norm does (its residual sum is used by nothing after it).
     """
 
     def __init__(self, hidden: int = 64, intermediate: int = 128, layers: int = 2, norm: str = "llama",
                  residual: bool = True, fp8: bool = False, dtype: torch.dtype = torch.float32,
                  group: Optional[dist.ProcessGroup] = None, eps: float = 1e-6,
-                 norm_weight_dtype: Optional[torch.dtype] = None, seed: int = 0):
+                 norm_weight_dtype: Optional[torch.dtype] = None, seed: int = 0, return_residual: bool = True):
         super().__init__()
         self.group = group
         world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -68,6 +69,7 @@ class TPMLPBlock(nn.Module):
         shard = intermediate // world
         gen = torch.Generator().manual_seed(seed)
         self.residual = residual
+        self.return_residual = return_residual
         self.fp8 = fp8
         self.up = nn.ParameterList()
         self.down = nn.ParameterList()
@@ -91,4 +93,6 @@ class TPMLPBlock(nn.Module):
             x = norm(y)
             if self.fp8:
                 x = dequantize_fp8(quantize_fp8(x, self.fp8_scale), self.fp8_scale, y.dtype)
+        if not self.return_residual:
+            return x
         return x, (residual if self.residual else y)

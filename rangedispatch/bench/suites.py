@@ -142,6 +142,38 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
         "sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
         **dispatch,
     }
+    rows = _time_block_variants(variants, hidden, tokens, calls, replays, progress)
+    for row in rows:
+        if row["variant"] in dispatch:
+            row.update(_dispatch_facts(dispatch[row["variant"]], row["tokens"]))
+    return rows, [str(r) for r in dispatch["range_dispatch"].ranges]
+
+
+def sequence_parallel_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], calls: int, replays: int,
+                            progress: Callable[[], None]) -> list[dict]:
+    """The sequence-parallel tier's unit: 2 layers of a TP MLP block (intermediate 4 x hidden) that
+    return only the normed output, as a decoder's last norm does (the residual sum is never
+    gathered), through NCCL + compiled norm (``fusion_off``) and sequence parallelism. A single
+    all-reduce + norm would not do: the tier's saving (the norm on 1/world of the tokens, the
+    residual stream left split) and its cost (a gather before each matmul) only show across layers."""
+    world = dist.get_world_size()
+    tokens = list(tokens)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = TPMLPBlock(hidden=hidden, intermediate=4 * hidden, layers=2, norm="functional", dtype=torch.bfloat16,
+                       return_residual=False).to(device)
+    max_n = max(16, *tokens)  # the variants are traced at 16 tokens
+    variants: dict[str, Callable] = {
+        "fusion_off": RangeCompiledModule(model, with_fusion(cfg, world, None, max_num_tokens=max_n)),
+        "sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
+    }
+    return _time_block_variants(variants, hidden, tokens, calls, replays, progress)
+
+
+def _time_block_variants(variants: dict[str, Callable], hidden: int, tokens: list[int], calls: int, replays: int,
+                         progress: Callable[[], None]) -> list[dict]:
+    """Model-level rows: each variant of a block taking ``[tokens, hidden]`` bf16, traced once at 16
+    tokens (dynamic), then timed at each token count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     warm = torch.randn(16, hidden, dtype=torch.bfloat16, device=device)
     torch._dynamo.mark_dynamic(warm, 0)
     with torch.no_grad():
@@ -154,9 +186,9 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
             with torch.no_grad():
                 us, method = time_us(lambda: fn(x), calls, replays)
             rows.append(dict(level="model", hidden=hidden, tokens=n, fp8=False, variant=name, us=round(us, 2),
-                             method=method, **(_dispatch_facts(fn, n) if name in dispatch else {})))
+                             method=method))
             progress()
-    return rows, [str(r) for r in dispatch["range_dispatch"].ranges]
+    return rows
 
 
 def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, style: str,

@@ -5,9 +5,10 @@ write a hardware profile.
     torchrun --nproc-per-node 4 -m rangedispatch.cli.tune tune.name=h100 hardware=h100
     rangedispatch-tune --cfg job
 
-Tiers on GPUs: NCCL + compiled norm, fused one-shot and two-shot (each with and without FP8). On CPU
-only the reference tier exists (gloo all-reduce and eager math in one op): it is measured against
-gloo + compiled norm, and the tool says so.
+Tiers on GPUs: NCCL + compiled norm, fused one-shot and two-shot (each with and without FP8),
+symmetric memory one-shot and two-shot. On CPU only the reference tier exists (gloo all-reduce and
+eager math in one op): it is measured against gloo + compiled norm, and the tool says so. The
+sequence-parallel tier is measured on a 2-layer TP block against NCCL, on GPUs and CPUs alike.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rangedispatch.tune.config import TuneConfig
 GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot",
              "symm_mem_oneshot": "symm_oneshot", "symm_mem_twoshot": "symm_twoshot"}
 CPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_reference": "reference"}
+SP_TIERS = {"fusion_off": "block_nccl", "sequence_parallel": "block_sp"}  # the 2-layer block's variants
 SWEEP_FIELDS = ["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"]
 
 
@@ -66,9 +68,17 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     if rank == 0 and not cuda:
         print("CPU: measuring the reference tier (gloo all-reduce + eager math in one op) against gloo + "
               "compiled norm; GPU tiers need CUDA", flush=True)
-    total = tune.repeats * len(tune.fp8) * sum(len(tune.tokens(h)) for h in tune.hidden) * len(tiers)
+    total = tune.repeats * (len(tune.fp8) * sum(len(tune.tokens(h)) for h in tune.hidden) * len(tiers)
+                            + sum(len(tune.tokens(h, tune.sp_max_bytes)) for h in tune.hidden) * len(SP_TIERS))
     step = _common.progress(total, rank, "tune")
     rows = []
+
+    def keep(series: list[dict]) -> None:
+        rows.extend(series)
+        if rank == 0:
+            with open(Path(tune.out_dir) / "sweep.csv", "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=SWEEP_FIELDS).writerows(series)
+
     for repeat in range(tune.repeats):
         for hidden in tune.hidden:
             # the fused workspace is sized for max_num_tokens: only as large as this sweep needs; every
@@ -78,14 +88,15 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
                                                   split_points=[], compile_sizes=[]),
                 hardware=dataclasses.replace(lib.hardware, compile_sizes=[]))
             for fp8 in tune.fp8:
-                series = [dict(repeat=repeat, hidden=hidden, fp8=fp8, tokens=r["tokens"],
-                               bytes=r["tokens"] * hidden * 2, tier=tiers[r["variant"]], us=r["us"])
-                          for r in suites.op_level(sized, hidden, tune.tokens(hidden), fp8, tune.calls_per_graph,
-                                                   tune.replays, step, variants=list(tiers))]
-                rows += series
-                if rank == 0:
-                    with open(Path(tune.out_dir) / "sweep.csv", "a", newline="") as f:
-                        csv.DictWriter(f, fieldnames=SWEEP_FIELDS).writerows(series)
+                keep([dict(repeat=repeat, hidden=hidden, fp8=fp8, tokens=r["tokens"],
+                           bytes=r["tokens"] * hidden * 2, tier=tiers[r["variant"]], us=r["us"])
+                      for r in suites.op_level(sized, hidden, tune.tokens(hidden), fp8, tune.calls_per_graph,
+                                               tune.replays, step, variants=list(tiers))])
+            if tune.tokens(hidden, tune.sp_max_bytes):
+                keep([dict(repeat=repeat, hidden=hidden, fp8=False, tokens=r["tokens"],
+                           bytes=r["tokens"] * hidden * 2, tier=SP_TIERS[r["variant"]], us=r["us"])
+                      for r in suites.sequence_parallel_level(sized, hidden, tune.tokens(hidden, tune.sp_max_bytes),
+                                                              tune.calls_per_graph, tune.replays, step)])
     return dict(rows=rows, info=info, cuda=cuda)
 
 
@@ -126,6 +137,9 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
         final.symm_mem_min_bytes = max(lo for lo, _, _ in symm)
         final.symm_mem_max_bytes = min(hi for _, hi, _ in symm)
         final.symm_mem_oneshot_max_bytes = min(o for _, _, o in symm)
+    sp = [t.sp_min_bytes for t in per_repeat]
+    sp_measured = any(s.sp_from is not None for t in per_repeat for s in t.series)
+    final.sp_min_bytes = max(sp) if all(sp) else 0
     mib = _common.size_text
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
@@ -145,12 +159,16 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
               + "; ".join(f"{mib(lo)}..{mib(hi)}, {mib(o)}" if hi else "none" for lo, hi, o in symm)
               + (f". Profile: {mib(final.symm_mem_min_bytes)}..{mib(final.symm_mem_max_bytes)}, one-shot up to "
                  f"{mib(final.symm_mem_oneshot_max_bytes)}." if final.symm_mem_max_bytes else ". Profile: none."), "",
+              ("Sequence-parallel tier (2-layer TP block, sequence parallelism vs NCCL) per repeat: "
+               + "; ".join(f"from {mib(b)}" if b else "never" for b in sp)
+               + (f". Profile: from {mib(final.sp_min_bytes)}." if final.sp_min_bytes else ". Profile: none.")
+               if sp_measured else "Sequence-parallel tier: not measured (tune.sp_max_bytes=0)."), "",
               "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size "
-              "| symm-mem won (above fused) |",
-              "|---|---|---|---|---|---|"]
+              "| symm-mem won (above fused) | sequence parallelism pays |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {s.hidden} | {s.fp8} | {mib(s.fused_max_bytes)} | "
               f"{'no crossover' if s.oneshot_max_bytes is None else mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} | "
-              f"{_band(s.symm_band, mib)} |"
+              f"{_band(s.symm_band, mib)} | {_sp_text(s.sp_from, mib)} |"
               for s in per_repeat[0].series]
     provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
                   f"flashinfer {info['flashinfer']}.",
@@ -161,6 +179,12 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     device_name = info["card"] if result["cuda"] else "cpu"
     return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware,
                                                   provenance, device_name)
+
+
+def _sp_text(sp_from, mib) -> str:
+    if sp_from is None:
+        return "not measured"
+    return f"from {mib(sp_from)}" if sp_from else "lost at the largest size"
 
 
 def _band(band, mib) -> str:
@@ -181,20 +205,22 @@ def plot(rows: list[dict], path: Path) -> str | None:
     series: dict = {}
     for r in rows:
         series.setdefault((r["repeat"], r["hidden"], r["fp8"]), {}).setdefault(r["bytes"], {})[r["tier"]] = r["us"]
-    from rangedispatch.tune.crossover import FUSED_TIERS, SYMM_TIERS
+    from rangedispatch.tune.crossover import FUSED_TIERS, SP_BASE, SP_TIER, SYMM_TIERS
 
     for (repeat, hidden, fp8), by_bytes in sorted(series.items()):
-        for tiers, style, what in ((FUSED_TIERS, "-" if repeat == 0 else "--", "fused"), (SYMM_TIERS, ":", "symm-mem")):
-            sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and any(k in t for k in tiers))
-            if not sizes or (what == "symm-mem" and repeat):
+        for tiers, base, style, what in ((FUSED_TIERS, "nccl", "-" if repeat == 0 else "--", "fused"),
+                                         (SYMM_TIERS, "nccl", ":", "symm-mem"),
+                                         ((SP_TIER,), SP_BASE, "-.", "sequence parallel (2-layer block)")):
+            sizes = sorted(b for b, t in by_bytes.items() if base in t and any(k in t for k in tiers))
+            if not sizes or (what != "fused" and repeat):
                 continue
-            ratio = [min(v for k, v in by_bytes[b].items() if k in tiers) / by_bytes[b]["nccl"] for b in sizes]
+            ratio = [min(v for k, v in by_bytes[b].items() if k in tiers) / by_bytes[b][base] for b in sizes]
             ax.plot(sizes, ratio, marker="o", ms=3, ls=style,
                     label=f"{what}, hidden {hidden}{' fp8' if fp8 else ''} (repeat {repeat})")
     ax.axhline(1.0, color="gray", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bytes per rank")
-    ax.set_ylabel("best of tier / NCCL + compiled norm")
+    ax.set_ylabel("best of tier / NCCL (+ compiled norm)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()

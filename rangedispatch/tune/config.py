@@ -11,8 +11,8 @@ from rangedispatch.config.checks import check_int, check_int_list, check_str, fa
 MiB = 1 << 20
 # The sweep for each key left at None: the full one on GPUs; on CPU, where only the reference tier
 # exists and the numbers only show that the tool and the profile work, one that takes about 2 minutes.
-GPU_SWEEP = dict(hidden=[2048, 4096, 8192], max_bytes=64 * MiB, fp8=[False, True], repeats=2)
-CPU_SWEEP = dict(hidden=[1024, 2048], max_bytes=2 * MiB, fp8=[False], repeats=1)
+GPU_SWEEP = dict(hidden=[2048, 4096, 8192], max_bytes=64 * MiB, sp_max_bytes=256 * MiB, fp8=[False, True], repeats=2)
+CPU_SWEEP = dict(hidden=[1024, 2048], max_bytes=2 * MiB, sp_max_bytes=256 * 1024, fp8=[False], repeats=1)
 
 
 @dataclass
@@ -27,6 +27,9 @@ class TuneConfig:
     hidden: Optional[list[int]] = None
     # Sweep token counts 1, 2, 4, ... up to this many bytes per rank (tokens x hidden x 2).
     max_bytes: Optional[int] = None
+    # The sequence-parallel tier is measured on its own unit (2 layers of a TP MLP block, sequence
+    # parallelism vs NCCL) from 1 token up to this many bytes per rank; 0: not measured.
+    sp_max_bytes: Optional[int] = None
     # With FP8 quant after the norm, without, or both (both: the more restrictive wins).
     fp8: Optional[list[bool]] = None
     # Whole sweeps to run; thresholds are given per repeat (their spread is the noise) and the
@@ -53,6 +56,8 @@ class TuneConfig:
                 raise fail(f"{k}.hidden", self.hidden, "a non-empty list of hidden sizes, or null")
         if self.max_bytes is not None:
             check_int(f"{k}.max_bytes", self.max_bytes, lo=2)
+        if self.sp_max_bytes is not None:
+            check_int(f"{k}.sp_max_bytes", self.sp_max_bytes, lo=0)
         if self.fp8 is not None and (not isinstance(self.fp8, list) or not self.fp8
                                      or not all(isinstance(v, bool) for v in self.fp8)):
             raise fail(f"{k}.fp8", self.fp8, "a non-empty list of true/false, or null")
@@ -68,9 +73,11 @@ class TuneConfig:
         sweep = GPU_SWEEP if cuda else CPU_SWEEP
         return dataclasses.replace(self, **{k: v for k, v in sweep.items() if getattr(self, k) is None})
 
-    def tokens(self, hidden: int) -> list[int]:
+    def tokens(self, hidden: int, max_bytes: Optional[int] = None) -> list[int]:
+        """1, 2, 4, ... tokens while tokens x hidden x 2 bytes fit ``max_bytes`` (default: ``max_bytes``)."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
         out, n = [], 1
-        while n * hidden * 2 <= self.max_bytes:
+        while n * hidden * 2 <= limit:
             out.append(n)
             n *= 2
         return out

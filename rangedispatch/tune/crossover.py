@@ -15,6 +15,11 @@ series' fused limit: the run of wins around it gives the series' band (the run m
 fused limit: the band is in bytes, and hidden sizes with a lower fused limit use that part); a loss
 there caps the tier at the fused limit (it is never used at that hidden size). The profile takes the
 highest start and lowest end over the series: ``[symm_mem_min_bytes, symm_mem_max_bytes]``.
+
+The sequence-parallel tier is timed on its own unit (``block_nccl`` vs ``block_sp``: a 2-layer TP
+block without and with it). It serves the largest sizes, so per series it pays from the start of
+the trailing run of wins; a loss at the largest size means never. The profile takes the latest start
+over the series (``sp_min_bytes``), and no tier if any measured series never wins.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Iterable, Optional
 
 FUSED_TIERS = ("oneshot", "twoshot", "reference")
 SYMM_TIERS = ("symm_oneshot", "symm_twoshot")
+SP_BASE, SP_TIER = "block_nccl", "block_sp"
 
 
 @dataclass
@@ -38,6 +44,7 @@ class SeriesResult:
     # it lost there (end = the fused limit); band None: nothing measured above the fused sizes
     symm_band: Optional[tuple[Optional[int], int]] = None
     symm_oneshot_max_bytes: Optional[int] = None  # None: symm one-shot never lost to two-shot in the band
+    sp_from: Optional[int] = None  # sequence parallelism pays from here to the largest size; 0: lost there; None: not measured
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Thresholds:
     symm_mem_min_bytes: int = 0  # the symmetric-memory tier; max 0: none
     symm_mem_max_bytes: int = 0
     symm_mem_oneshot_max_bytes: int = 0
+    sp_min_bytes: int = 0  # the sequence-parallel tier from here up; 0: none
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -98,6 +106,19 @@ def _symm_band(by_bytes: dict[int, dict[str, float]], fused_max: int) -> Optiona
     return run_around(sizes, ratios, above[0]) or (None, fused_max)
 
 
+def _sp_from(by_bytes: dict[int, dict[str, float]]) -> Optional[int]:
+    sizes = sorted(b for b, t in by_bytes.items() if SP_BASE in t and SP_TIER in t)
+    if not sizes:
+        return None
+    wins = [r <= 1.0 for r in smoothed([by_bytes[b][SP_TIER] / by_bytes[b][SP_BASE] for b in sizes])]
+    if not wins[-1]:
+        return 0
+    start = len(sizes) - 1
+    while start > 0 and wins[start - 1]:
+        start -= 1
+    return sizes[start]
+
+
 def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, float]]]:
     out: dict[tuple[int, bool], dict[int, dict[str, float]]] = {}
     for r in rows:
@@ -119,7 +140,7 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
         symm_oneshot = _one_vs_two(by_bytes, [b for b in sizes if band and band[0] <= b <= band[1]],
                                    "symm_oneshot", "symm_twoshot") if band and band[0] is not None else None
         results.append(SeriesResult(hidden, fp8, fused_max, oneshot_max, capped_by_sweep=fused_max == sizes[-1],
-                                    symm_band=band, symm_oneshot_max_bytes=symm_oneshot))
+                                    symm_band=band, symm_oneshot_max_bytes=symm_oneshot, sp_from=_sp_from(by_bytes)))
     if not results:
         return Thresholds(0, 0, [])
     by_hidden: dict[int, int] = {}
@@ -128,6 +149,8 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
     crossovers = [s.oneshot_max_bytes for s in results if s.oneshot_max_bytes is not None]
     oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
     out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
+    sp_starts = [s.sp_from for s in results if s.sp_from is not None]
+    out.sp_min_bytes = max(sp_starts) if sp_starts and all(sp_starts) else 0
     bands = [s.symm_band for s in results if s.symm_band is not None]
     starts = [b[0] for b in bands if b[0] is not None]
     if starts:
