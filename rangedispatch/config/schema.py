@@ -168,7 +168,8 @@ class TierThresholds:
     # The sequence-parallel tier, from this size up (above the fused and symmetric-memory sizes):
     # each all-reduce -> (+ residual) -> RMSNorm becomes a reduce-scatter, the add and norm on this
     # rank's block of tokens, and an all-gather of the norm's output; the residual stream between
-    # such sites stays split over the ranks. 0: no tier.
+    # such sites stays split over the ranks. 0: no tier. rangedispatch-tune measures where it starts
+    # paying on a 2-layer TP block.
     sp_min_bytes: int = 0
 
     def fused_max_bytes_for(self, hidden: int) -> int:
