@@ -48,9 +48,13 @@ def _numerics(rank, world, backend, cases):
     return out, threshold
 
 
+FOUR_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs")
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=FOUR_GPUS)])
 @pytest.mark.parametrize("backend, cases", [("flashinfer", CASES), ("reference", CASES[:2])])
-def test_every_pattern_matches_eager_on_gpu(backend, cases):
-    results, threshold = spawn_ranks(_numerics, 2, backend, cases, backend="nccl")[0]
+def test_every_pattern_matches_eager_on_gpu(backend, cases, world):
+    results, threshold = spawn_ranks(_numerics, world, backend, cases, backend="nccl")[0]
     for (form, residual, fp8), rows in results.items():
         tol = 5e-2 if fp8 else 1e-2
         for n, r, matches, out_err, res_err in rows:
@@ -60,7 +64,7 @@ def test_every_pattern_matches_eager_on_gpu(backend, cases):
 
 
 def _cudagraphs(rank, world):
-    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch import RangeCompiledModule, load_config, release_cuda_graphs
     from rangedispatch.bench.models import TPMLPBlock
 
     torch.manual_seed(0)
@@ -76,14 +80,20 @@ def _cudagraphs(rank, world):
             y, r = m(x.clone())
             ye, re = model(x.clone())
             errs.append((n, tuple(y.shape), rel_err(y, ye), rel_err(r, re)))
-    return errs, {str(k): v["cudagraphs"] for k, v in m.stats().items()}
+        captured = {str(k): v["cudagraphs"] for k, v in m.stats().items()}
+        freed = release_cuda_graphs()
+        x = torch.randn(300, HIDDEN, dtype=torch.bfloat16, device="cuda")  # captured again on its next call
+        y, _ = m(x.clone())
+        again = (rel_err(y, model(x.clone())[0]), m.stats()[m.range_for(300)]["cudagraphs"])
+    return errs, captured, freed, again
 
 
 def test_cudagraph_replay_equals_eager():
-    errs, captured = spawn_ranks(_cudagraphs, 2, backend="nccl")[0]
+    errs, captured, freed, (err_again, captured_again) = spawn_ranks(_cudagraphs, 2, backend="nccl")[0]
     assert captured == {"[1,64]": [16, 64], "[65,1024]": [512]}
     for n, shape, out_err, res_err in errs:
         assert shape == (n, HIDDEN) and out_err < 1e-2 and res_err < 1e-2, (n, out_err, res_err)
+    assert freed == 3 and captured_again == [512] and err_again < 1e-2
 
 
 def _warm_start(rank, world):
