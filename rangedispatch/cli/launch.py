@@ -34,16 +34,10 @@ def _rank_entry(rank: int, world_size: int, store: str, backend: str, fn: Callab
         results.put((rank, False, traceback.format_exc()))  # in order of failure: the first is the cause
         raise
     finally:
-        _release_cuda_graphs()
+        if torch.cuda.is_initialized():  # destroying the group hangs while a graph holds its collectives
+            torch.cuda.synchronize()
+            release_cuda_graphs()
         dist.destroy_process_group()
-
-
-def _release_cuda_graphs() -> None:
-    """Frees the CUDA graphs ``fn`` left behind (destroy_process_group hangs while a graph that
-    captured NCCL collectives exists)."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        release_cuda_graphs()
 
 
 def spawn_ranks(fn: Callable, world_size: int, *args: Any, backend: Optional[str] = None) -> list:
