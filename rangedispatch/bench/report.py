@@ -59,7 +59,7 @@ def table(rows: Iterable[dict]) -> str:
     out = []
     for (level, hidden, fp8), by_tokens in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         variants = list(dict.fromkeys(v for vs in by_tokens.values() for v in vs))
-        extra = (["range", "vs best static"] if level == "model" else ["range", "matches", "rel err"]
+        extra = (["range", "vs best static"] if level == "model" else ["range", "matches (all graphs)", "rel err"]
                  if level.startswith("hf") else [])
         compiled = [v for v in variants if v.startswith("range_dispatch")] if extra else []
         extra += [f"compile s ({' / '.join(compiled)})"] if compiled else []

@@ -124,7 +124,10 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     rows, info = result["rows"], result["info"]
     # what was swept, read off the rows (a recorded sweep need not match the tune config)
     swept = f"{sorted({r['hidden'] for r in rows})}, fp8 {sorted({r['fp8'] for r in rows})}"
-    max_bytes = max(r["bytes"] for r in rows)
+    block = (crossover.SP_BASE, crossover.SP_TIER)  # the sequence-parallel sweep has its own sizes
+    max_bytes = max(r["bytes"] for r in rows if r["tier"] not in block)
+    sp_bytes = max((r["bytes"] for r in rows if r["tier"] in block), default=0)
+    sp_swept = f"; the 2-layer block up to {_common.size_text(sp_bytes)}" if sp_bytes else ""
     repeats = sorted({r["repeat"] for r in rows})
     per_repeat = [crossover.thresholds([r for r in rows if r["repeat"] == k]) for k in repeats]
     fused = [t.fused_max_bytes for t in per_repeat]
@@ -144,7 +147,7 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
              f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {swept}, "
-             f"up to {mib(max_bytes)} per rank, {len(repeats)} repeats."
+             f"up to {mib(max_bytes)} per rank{sp_swept}, {len(repeats)} repeats."
              + "".join(f" Repeat {k} stopped early: hidden {sorted(t.by_hidden)} only."
                        for k, t in zip(repeats, per_repeat) if set(t.by_hidden) != set(by_hidden)), "",
              "| repeat | fused_max_bytes | oneshot_max_bytes |", "|---|---|---|"]
@@ -172,7 +175,7 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
               for s in per_repeat[0].series]
     provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
                   f"flashinfer {info['flashinfer']}.",
-                  f"Sweep: hidden {swept}, bf16, 1..{mib(max_bytes)} per rank; "
+                  f"Sweep: hidden {swept}, bf16, 1..{mib(max_bytes)} per rank{sp_swept}; "
                   f"{len(repeats)} repeats: fused {[mib(f) for f in fused]}, one-shot {[mib(o) for o in oneshot]}.",
                   "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
     backend = "flashinfer" if result["cuda"] else "reference"
