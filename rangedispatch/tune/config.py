@@ -11,7 +11,7 @@ from rangedispatch.config.checks import check_int, check_int_list, check_str, fa
 MiB = 1 << 20
 # The sweep for each key left at None: the full one on GPUs; on CPU, where only the reference tier
 # exists and the numbers only show that the tool and the profile work, one that takes about 2 minutes.
-GPU_SWEEP = dict(hidden=[2048, 4096, 8192], max_bytes=64 * MiB, sp_max_bytes=256 * MiB, fp8=[False, True], repeats=2)
+GPU_SWEEP = dict(hidden=[2048, 4096, 8192], max_bytes=64 * MiB, sp_max_bytes=128 * MiB, fp8=[False, True], repeats=2)
 CPU_SWEEP = dict(hidden=[1024, 2048], max_bytes=2 * MiB, sp_max_bytes=256 * 1024, fp8=[False], repeats=1)
 
 
