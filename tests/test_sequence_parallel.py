@@ -11,7 +11,9 @@ from rangedispatch.cli.launch import spawn_ranks
 HIDDEN = 64  # bf16: 128 bytes per token; the cpu profile fuses up to 64 KiB = 512 tokens
 SP = ["hardware=cpu", "dispatch.max_num_tokens=4096", "dispatch.split_points=[8]",
       "+hardware.thresholds.default.sp_min_bytes=65536"]
-WITH_SYMM_MEM = [*SP, "+hardware.thresholds.default.symm_mem_max_bytes=262144"]  # symm-mem to 2048 tokens
+# symm-mem to 2048 tokens; sequence parallelism measured for this hidden size from 2560 tokens (320 KiB)
+WITH_SYMM_MEM = [*SP, "+hardware.thresholds.default.symm_mem_max_bytes=262144",
+                 "+hardware.thresholds.default.sp_min_bytes_by_hidden={64: 327680}"]
 TOKENS = (4, 300, 513, 1001, 2049, 3001)
 
 
@@ -63,9 +65,10 @@ def test_the_largest_range_is_sequence_parallel_and_matches_eager(results):
         assert res["census"]["[9,512]"] == (0, 0, 0, 0)  # fused there
 
 
-def test_sequence_parallelism_starts_above_the_symmetric_memory_tier(results):
+def test_sequence_parallelism_starts_above_the_symmetric_memory_tier_where_its_hidden_size_says(results):
     res = results[0]["with_symm_mem"]
-    assert res["ranges"] == ["[1,8]", "[9,512]", "[513,2048]", "[2049,4096]"]
+    assert res["ranges"] == ["[1,8]", "[9,512]", "[513,2048]", "[2049,2559]", "[2560,4096]"]
     assert all(err < 1e-2 for err in res["errors"].values()), res["errors"]
     assert res["matches"]["[513,2048]"] == {"symm_mem_allreduce": 3}
-    assert res["matches"]["[2049,4096]"] == {"sequence_parallel": 3}
+    assert res["matches"]["[2049,2559]"] == {}  # NCCL: above symm-mem, below this hidden size's start
+    assert res["matches"]["[2560,4096]"] == {"sequence_parallel": 3}

@@ -90,10 +90,12 @@ def test_sequence_parallel_pays_from_the_trailing_run_of_wins():
     wins_early = [(512, 200, 190), (1024, 400, 380), (2048, 800, 760), (4096, 1600, 1550)]  # from 4 MiB
     t = thresholds(op + _sp_rows({2048: wins_late, 4096: wins_early}))
     assert [s.sp_from for s in t.series] == [4096 * 2048 * 2, 512 * 4096 * 2]
-    assert t.sp_min_bytes == 16 * MiB  # the latest start over the series
+    assert t.sp_min_bytes == 16 * MiB  # the latest start over the series, for hidden sizes not measured
+    assert t.sp_by_hidden == {2048: 16 * MiB, 4096: 4 * MiB}
     loses_last = wins_early[:-1] + [(4096, 1600, 1700)]
     t = thresholds(op + _sp_rows({2048: wins_late, 4096: loses_last}))
     assert t.series[1].sp_from == 0 and t.sp_min_bytes == 0  # one series never pays at its largest size: no tier
+    assert t.sp_by_hidden == {2048: 16 * MiB, 4096: 0}  # but the other hidden size keeps its start
     assert thresholds(op).sp_min_bytes == 0 and thresholds(op).series[0].sp_from is None  # not measured
 
 
@@ -206,10 +208,12 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
 
     measured = crossover.Thresholds(4096, 4096, [], {64: 4096}, symm_mem_min_bytes=1024, symm_mem_max_bytes=65536,
                                     symm_mem_oneshot_max_bytes=8192)
+    measured.sp_min_bytes, measured.sp_by_hidden = 65536, {64: 32768}
     base = load_config(["hardware=h100", "+hardware.thresholds.4.sp_min_bytes=8388608"]).hardware
     profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, measured, base, ["test"]))
     hw = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware
     assert hw.thresholds_for(4).sp_min_bytes == 8388608  # kept from the base profile, every key of it
+    assert hw.thresholds_for(2).sp_min_bytes_for(64) == 32768 and hw.thresholds_for(2).sp_min_bytes_for(128) == 65536
     t = hw.thresholds_for(2)
     assert (t.fused_max_bytes_by_hidden, t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (
         {"64": 4096}, 1024, 65536, 8192)

@@ -141,8 +141,12 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
         final.symm_mem_max_bytes = min(hi for _, hi, _ in symm)
         final.symm_mem_oneshot_max_bytes = min(o for _, _, o in symm)
     sp = [t.sp_min_bytes for t in per_repeat]
-    sp_measured = any(s.sp_from is not None for t in per_repeat for s in t.series)
+    sp_measured = any(t.sp_by_hidden for t in per_repeat)
     final.sp_min_bytes = max(sp) if all(sp) else 0
+    # per hidden size: the latest start over the repeats that measured it, never if one never won
+    starts = {h: [t.sp_by_hidden[h] for t in per_repeat if h in t.sp_by_hidden]
+              for h in sorted({h for t in per_repeat for h in t.sp_by_hidden})}
+    final.sp_by_hidden = {h: max(v) if all(v) else 0 for h, v in starts.items()}
     mib = _common.size_text
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
@@ -164,7 +168,9 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
                  f"{mib(final.symm_mem_oneshot_max_bytes)}." if final.symm_mem_max_bytes else ". Profile: none."), "",
               ("Sequence-parallel tier (2-layer TP block, sequence parallelism vs NCCL) per repeat: "
                + "; ".join(f"from {mib(b)}" if b else "never" for b in sp)
-               + (f". Profile: from {mib(final.sp_min_bytes)}." if final.sp_min_bytes else ". Profile: none.")
+               + (f". Profile: from {mib(final.sp_min_bytes)}" if final.sp_min_bytes else ". Profile: none")
+               + " (per hidden size: " + ", ".join(f"{h}: {_sp_text(b, mib)}" for h, b in final.sp_by_hidden.items())
+               + ")."
                if sp_measured else "Sequence-parallel tier: not measured (tune.sp_max_bytes=0)."), "",
               "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size "
               "| symm-mem won (above fused) | sequence parallelism pays |",

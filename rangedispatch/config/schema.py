@@ -171,9 +171,15 @@ class TierThresholds:
     # such sites stays split over the ranks. 0: no tier. rangedispatch-tune measures where it starts
     # paying on a 2-layer TP block.
     sp_min_bytes: int = 0
+    # Where measured per hidden size (keys: hidden size as a string), it replaces sp_min_bytes for
+    # all-reduces of that hidden size (0 there: no tier at that hidden size).
+    sp_min_bytes_by_hidden: dict[str, int] = field(default_factory=dict)
 
     def fused_max_bytes_for(self, hidden: int) -> int:
         return self.fused_max_bytes_by_hidden.get(str(hidden), self.fused_max_bytes)
+
+    def sp_min_bytes_for(self, hidden: int) -> int:
+        return self.sp_min_bytes_by_hidden.get(str(hidden), self.sp_min_bytes)
 
 
 @dataclass
@@ -222,16 +228,8 @@ class HardwareConfig:
             if t.symm_mem_max_bytes and t.symm_mem_min_bytes > t.symm_mem_max_bytes:
                 raise fail(f"{k}.thresholds.{ws}.symm_mem_min_bytes", t.symm_mem_min_bytes,
                            f"at most symm_mem_max_bytes ({t.symm_mem_max_bytes})")
-            if not isinstance(t.fused_max_bytes_by_hidden, dict):
-                raise fail(f"{k}.thresholds.{ws}.fused_max_bytes_by_hidden", t.fused_max_bytes_by_hidden,
-                           "a mapping of hidden size to bytes")
-            by_hidden = {}
-            for hidden, limit in t.fused_max_bytes_by_hidden.items():
-                key = f"{k}.thresholds.{ws}.fused_max_bytes_by_hidden.{hidden}"
-                if not str(hidden).isdigit():
-                    raise fail(key, hidden, "a hidden size (integer) as key")
-                by_hidden[str(hidden)] = check_int(key, limit, lo=0)
-            t.fused_max_bytes_by_hidden = by_hidden
+            for name in ("fused_max_bytes_by_hidden", "sp_min_bytes_by_hidden"):
+                setattr(t, name, _bytes_by_hidden(f"{k}.thresholds.{ws}.{name}", getattr(t, name)))
             normalized[ws] = t
         self.thresholds = normalized
         self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, lo=1)
@@ -239,6 +237,18 @@ class HardwareConfig:
     def thresholds_for(self, world_size: int) -> TierThresholds:
         """The thresholds for ``world_size``; a profile without that size nor a default never fuses."""
         return self.thresholds.get(str(world_size)) or self.thresholds.get("default") or TierThresholds()
+
+
+def _bytes_by_hidden(key: str, mapping: object) -> dict[str, int]:
+    """A ``{hidden size: bytes}`` mapping with string keys."""
+    if not isinstance(mapping, dict):
+        raise fail(key, mapping, "a mapping of hidden size to bytes")
+    out = {}
+    for hidden, limit in mapping.items():
+        if not str(hidden).isdigit():
+            raise fail(f"{key}.{hidden}", hidden, "a hidden size (integer) as key")
+        out[str(hidden)] = check_int(f"{key}.{hidden}", limit, lo=0)
+    return out
 
 
 @dataclass

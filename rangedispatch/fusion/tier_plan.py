@@ -9,7 +9,7 @@ Per site (process group x bytes per token), from the hardware profile at the gro
 
     fused:  1 .. fused_max_bytes(hidden) // bytes_per_token tokens       (0: never)
     symm:   ceil(symm_mem_min_bytes / bpt) .. symm_mem_max_bytes // bpt  (None: never)
-    sp:     ceil(sp_min_bytes / bpt) .. max_num_tokens                    (None: never)
+    sp:     ceil(sp_min_bytes(hidden) / bpt) .. max_num_tokens            (None: never)
 
 A range runs one tier for all of its sites, so the model's spans are the most restrictive ones:
 fused ranges end at the smallest fused limit (a site that cannot be fused turns fusion off); the
@@ -116,7 +116,7 @@ class TierPlan:
         return (lo, hi) if lo <= hi else None
 
     def _sp_from(self, site: AllReduceSite) -> Optional[int]:
-        min_bytes = self.hardware.thresholds_for(site.world_size).sp_min_bytes
+        min_bytes = self.hardware.thresholds_for(site.world_size).sp_min_bytes_for(site.hidden)
         if not min_bytes or site.world_size < 2:
             return None
         start = max(1, -(-min_bytes // site.bytes_per_token))

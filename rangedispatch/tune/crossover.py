@@ -18,8 +18,9 @@ highest start and lowest end over the series: ``[symm_mem_min_bytes, symm_mem_ma
 
 The sequence-parallel tier is timed on its own unit (``block_nccl`` vs ``block_sp``: a 2-layer TP
 block without and with it). It serves the largest sizes, so per series it pays from the start of
-the trailing run of wins; a loss at the largest size means never. The profile takes the latest start
-over the series (``sp_min_bytes``), and no tier if any measured series never wins.
+the trailing run of wins; a loss at the largest size means never. The profile keeps each hidden
+size's start (``sp_min_bytes_by_hidden``, 0: never) and, for hidden sizes not measured, the latest
+start over the series (``sp_min_bytes``; no tier if any measured series never wins).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class Thresholds:
     symm_mem_min_bytes: int = 0  # the symmetric-memory tier; max 0: none
     symm_mem_max_bytes: int = 0
     symm_mem_oneshot_max_bytes: int = 0
-    sp_min_bytes: int = 0  # the sequence-parallel tier from here up; 0: none
+    sp_min_bytes: int = 0  # the sequence-parallel tier from here up (for hidden sizes not measured); 0: none
+    sp_by_hidden: dict[int, int] = field(default_factory=dict)  # per measured hidden size; 0: never there
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -149,8 +151,9 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
     crossovers = [s.oneshot_max_bytes for s in results if s.oneshot_max_bytes is not None]
     oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
     out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
-    sp_starts = [s.sp_from for s in results if s.sp_from is not None]
-    out.sp_min_bytes = max(sp_starts) if sp_starts and all(sp_starts) else 0
+    out.sp_by_hidden = {s.hidden: s.sp_from for s in results if s.sp_from is not None}
+    starts = list(out.sp_by_hidden.values())
+    out.sp_min_bytes = max(starts) if starts and all(starts) else 0
     bands = [s.symm_band for s in results if s.symm_band is not None]
     starts = [b[0] for b in bands if b[0] is not None]
     if starts:
