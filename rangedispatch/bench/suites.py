@@ -116,10 +116,8 @@ def range_dispatch_variants(model: torch.nn.Module, cfg: RangeDispatchConfig, ma
     return variants
 
 
-def _dispatch_facts(fn: Callable, n: int) -> dict:
+def _dispatch_facts(fn: RangeCompiledModule, n: int) -> dict:
     """The range that serves ``n`` tokens and the seconds its graphs took to compile."""
-    if not isinstance(fn, RangeCompiledModule):
-        return {}
     r = fn.range_for(n)
     return dict(range=str(r), compile_s=round(fn.stats()[r]["compile_s"], 1))
 

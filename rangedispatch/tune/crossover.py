@@ -152,8 +152,8 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
     oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
     out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
     out.sp_by_hidden = {s.hidden: s.sp_from for s in results if s.sp_from is not None}
-    starts = list(out.sp_by_hidden.values())
-    out.sp_min_bytes = max(starts) if starts and all(starts) else 0
+    sp_starts = list(out.sp_by_hidden.values())
+    out.sp_min_bytes = max(sp_starts) if sp_starts and all(sp_starts) else 0
     bands = [s.symm_band for s in results if s.symm_band is not None]
     starts = [b[0] for b in bands if b[0] is not None]
     if starts:
