@@ -163,17 +163,17 @@ def _holds_over(guard: Any, sym: Any, r: Range) -> bool:
 
 
 def _matches(pipeline: RangePassPipeline, code: list[str]) -> dict[str, int]:
-    """Per pass: its ``output_op`` calls in the generated code, else what it returned; -1 when
-    neither is known (a cache hit of a pass without ``output_op``)."""
+    """Per pass: its ``output_ops`` calls in the generated code, else what it returned; -1 when
+    neither is known (a cache hit of a pass without ``output_ops``)."""
     returned = pipeline.returned or {}
     out = {}
     for p in pipeline.passes:
-        if p.output_op:
-            out[p.name] = sum(c.count(f"{p.output_op}(") for c in code)
+        if p.output_ops:
+            out[p.name] = sum(c.count(f"{op}(") for op in p.output_ops for c in code)
         else:
             out[p.name] = returned.get(p.name, -1)
     if -1 in out.values():
-        log.info("Inductor cache hit for %s: matches of %s unknown (-1); a pass that sets output_op is counted in "
+        log.info("Inductor cache hit for %s: matches of %s unknown (-1); a pass that sets output_ops is counted in "
                  "the generated code", pipeline.range, ", ".join(k for k, v in out.items() if v == -1))
     return out
 

@@ -25,10 +25,10 @@ class GraphPass:
     # True: the rewrite has no backward (a custom op without autograd), so graphs that record
     # gradients keep the original ops
     inference_only: bool = False
-    # The op each match leaves in the graph, as the generated code calls it
+    # The ops a match leaves in the graph (one of them per match), as the generated code calls them
     # ("torch.ops.<namespace>.<op>.default"): matches are counted in the code Inductor generates,
     # which a cache hit hands back too (the pass itself does not run then)
-    output_op: str = ""
+    output_ops: tuple[str, ...] = ()
 
     def split_points(self, gm: torch.fx.GraphModule) -> Sequence[int]:
         """Token counts where this pass wants a range to end, read off one traced (pre-grad) graph.
@@ -40,7 +40,7 @@ class GraphPass:
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
         """Rewrite the post-grad graph of range ``r`` in place; return how many matches were replaced
-        (``stats()`` reports it, or counts ``output_op`` in the generated code where it is set)."""
+        (``stats()`` reports it, or counts ``output_ops`` in the generated code where it is set)."""
         raise NotImplementedError
 
     def config_key(self) -> str:

@@ -34,11 +34,11 @@ class CensusPass(GraphPass):
 
 
 class AddmmCount(GraphPass):
-    """Rewrites nothing; its ``output_op`` is the matmul Inductor emits for ``nn.Linear`` on CPU, so
+    """Rewrites nothing; its ``output_ops`` are the matmul Inductor emits for ``nn.Linear`` on CPU, so
     its match count is read off the generated code, on a cache hit too."""
 
     name = "addmm_count"
-    output_op = "extern_kernels.addmm"
+    output_ops = ("extern_kernels.addmm",)
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
         return 0

@@ -185,7 +185,7 @@ def test_warm_start_compiles_nothing_new(tmp_path):
     assert int(outs[0][1]) > 0
     assert outs[1][1] == "0" and int(outs[1][3]) > 0
     # the pass did not run in the second process: counts read off the generated code survive the
-    # cache hit (output_op), what a pass returned does not (-1: unknown)
+    # cache hit (output_ops), what a pass returned does not (-1: unknown)
     assert outs[0][4:] == ["[[None,", "1],", "[1,", "1]]"], outs[0]
     assert outs[1][4:] == ["[[None,", "1],", "[-1,", "1]]"], outs[1]
 

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 BASELINES = {"op": "nccl_compiled_norm", "model": "torch_compile", "hf_handwritten": "torch_compile",
              "hf_dtensor": "torch_compile", "hf_dtensor_output": "torch_compile"}
-STATIC = ("fusion_off", "fusion_everywhere", "sequence_parallel")
+STATIC = ("fusion_off", "fusion_everywhere", "sequence_parallel", "async_tp")
 
 
 def annotate(rows: list[dict]) -> list[dict]:

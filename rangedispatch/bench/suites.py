@@ -47,10 +47,12 @@ def with_symm_mem(cfg: RangeDispatchConfig, world: int, oneshot: int) -> RangeDi
     return dataclasses.replace(cfg, hardware=hardware, fusion=FusionConfig(enabled=True, backend=cfg.fusion.backend))
 
 
-def with_sequence_parallel(cfg: RangeDispatchConfig, world: int, max_num_tokens: int) -> RangeDispatchConfig:
-    """``cfg`` with the sequence-parallel tier at every size (no fused or symmetric-memory tier)."""
+def with_sequence_parallel(cfg: RangeDispatchConfig, world: int, max_num_tokens: int,
+                           async_tp: bool = False) -> RangeDispatchConfig:
+    """``cfg`` with the sequence-parallel tier at every size (no fused or symmetric-memory tier), with
+    async tensor parallelism on top at every size if ``async_tp``."""
     sized = with_fusion(cfg, world, 0, 0, max_num_tokens)
-    t = TierThresholds(0, 0, sp_min_bytes=1)
+    t = TierThresholds(0, 0, sp_min_bytes=1, async_tp_min_bytes=int(async_tp))
     return dataclasses.replace(sized, hardware=dataclasses.replace(
         sized.hardware, thresholds={**sized.hardware.thresholds, str(world): t}))
 
@@ -137,7 +139,7 @@ def model_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers
         "torch_compile": torch.compile(model),
         "fusion_off": RangeCompiledModule(model, with_fusion(cfg, world, None, max_num_tokens=max_n)),
         "fusion_everywhere": RangeCompiledModule(model, with_fusion(cfg, world, EVERYWHERE, None, max_n)),
-        "sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
+        **sequence_parallel_variants(model, cfg, world, max_n),
         **dispatch,
     }
     rows = _time_block_variants(variants, hidden, tokens, calls, replays, progress)
@@ -162,9 +164,18 @@ def sequence_parallel_level(cfg: RangeDispatchConfig, hidden: int, tokens: Itera
     max_n = max(16, *tokens)  # the variants are traced at 16 tokens
     variants: dict[str, Callable] = {
         "fusion_off": RangeCompiledModule(model, with_fusion(cfg, world, None, max_num_tokens=max_n)),
-        "sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
+        **sequence_parallel_variants(model, cfg, world, max_n),
     }
     return _time_block_variants(variants, hidden, tokens, calls, replays, progress)
+
+
+def sequence_parallel_variants(model: torch.nn.Module, cfg: RangeDispatchConfig, world: int,
+                               max_n: int) -> dict[str, RangeCompiledModule]:
+    """The sequence-parallel tier at every size, without and (on CUDA) with async TP on top."""
+    variants = {"sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n))}
+    if torch.cuda.is_available():
+        variants["async_tp"] = RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n, async_tp=True))
+    return variants
 
 
 def _time_block_variants(variants: dict[str, Callable], hidden: int, tokens: list[int], calls: int, replays: int,

@@ -138,11 +138,16 @@ class FusionConfig:
     # Use the profile's symmetric-memory tier (thresholds symm_mem_*) where it gives one: CUDA,
     # bf16/fp32 all-reduces, sum. Off: those sizes stay with NCCL (and no symmetric buffer is made).
     symm_mem: bool = True
+    # Use the profile's async tensor parallelism (threshold async_tp_min_bytes) inside the
+    # sequence-parallel tier: CUDA. Off: that tier runs its collectives apart from the matmuls (and
+    # no symmetric workspace is made for it).
+    async_tp: bool = True
 
     def __post_init__(self) -> None:
         check_bool(f"{self.SECTION}.enabled", self.enabled)
         check_choice(f"{self.SECTION}.backend", self.backend, FUSED_BACKENDS)
         check_bool(f"{self.SECTION}.symm_mem", self.symm_mem)
+        check_bool(f"{self.SECTION}.async_tp", self.async_tp)
 
 
 @dataclass
@@ -174,6 +179,11 @@ class TierThresholds:
     # Where measured per hidden size (keys: hidden size as a string), it replaces sp_min_bytes for
     # all-reduces of that hidden size (0 there: no tier at that hidden size).
     sp_min_bytes_by_hidden: dict[str, int] = field(default_factory=dict)
+    # Async tensor parallelism on top of the sequence-parallel tier, from this size up (and where
+    # that tier is on): its all-gathers and reduce-scatters run overlapped with the matmuls next to
+    # them (torch symm-mem fused_all_gather_matmul / fused_matmul_reduce_scatter). 0: never. Its
+    # workspace holds one rank's block of dispatch.max_num_tokens rows, twice, per group.
+    async_tp_min_bytes: int = 0
 
     def fused_max_bytes_for(self, hidden: int) -> int:
         return self.fused_max_bytes_by_hidden.get(str(hidden), self.fused_max_bytes)
@@ -223,7 +233,7 @@ class HardwareConfig:
                            f"a mapping with {', '.join(f.name for f in fields(TierThresholds))}")
             check_int(f"{k}.thresholds.{ws}.fused_max_bytes", t.fused_max_bytes, lo=0)
             for name in ("oneshot_max_bytes", "symm_mem_min_bytes", "symm_mem_max_bytes", "symm_mem_oneshot_max_bytes",
-                         "sp_min_bytes"):
+                         "sp_min_bytes", "async_tp_min_bytes"):
                 check_int(f"{k}.thresholds.{ws}.{name}", getattr(t, name), lo=0)
             if t.symm_mem_max_bytes and t.symm_mem_min_bytes > t.symm_mem_max_bytes:
                 raise fail(f"{k}.thresholds.{ws}.symm_mem_min_bytes", t.symm_mem_min_bytes,

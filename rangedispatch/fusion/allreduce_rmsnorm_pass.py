@@ -15,6 +15,7 @@ import torch.fx
 
 from rangedispatch.fusion.allreduce_rmsnorm_op import FUSED_OP
 from rangedispatch.fusion.matcher import FusionMatch, replace_each_site, retire_site
+from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.tier_plan import TierPass
 from rangedispatch.ranges import Range
@@ -23,31 +24,17 @@ from rangedispatch.ranges import Range
 class AllReduceRMSNormFusion(TierPass):
     name = "allreduce_rmsnorm"
     tier = "fused"
-    output_op = "torch.ops.rangedispatch.fused_allreduce_rmsnorm.default"
+    output_ops = ("torch.ops.rangedispatch.fused_allreduce_rmsnorm.default",)
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
         return replace_each_site(graph, lambda m, anchor: self._replace(graph, m, anchor), "fusion")
 
     def _replace(self, graph: torch.fx.Graph, m: FusionMatch, anchor: torch.fx.Node) -> bool:
-        with graph.inserting_after(anchor):
-            fused = graph.call_function(
-                FUSED_OP,
-                (m.input, m.residual, m.weight, m.scale, m.eps, m.weight_mode, m.group_name, self.plan.fused_backend,
-                 self.plan.hardware.thresholds_for(group_size(m.group_name)).oneshot_max_bytes, self.plan.fused_end),
-            )
-        with graph.inserting_after(fused):
-            out = graph.call_function(operator.getitem, (fused, 0))
-        with graph.inserting_after(out):
-            pre_norm = graph.call_function(operator.getitem, (fused, 1))
-        fake_vals = _fake_outputs(fused)
-        fused.meta["val"] = fake_vals
-        out.meta["val"], pre_norm.meta["val"] = fake_vals
+        with graph.inserting_before(anchor.next):
+            fused = call_with_value(graph, FUSED_OP, (
+                m.input, m.residual, m.weight, m.scale, m.eps, m.weight_mode, m.group_name, self.plan.fused_backend,
+                self.plan.hardware.thresholds_for(group_size(m.group_name)).oneshot_max_bytes, self.plan.fused_end))
+            out = call_with_value(graph, operator.getitem, (fused, 0))
+            pre_norm = call_with_value(graph, operator.getitem, (fused, 1))
         retire_site(graph, m, out, pre_norm)
         return True
-
-
-def _fake_outputs(node: torch.fx.Node):
-    args = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args]
-    fake_mode = torch._guards.detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
-    with fake_mode:
-        return node.target(*args)

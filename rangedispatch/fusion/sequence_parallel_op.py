@@ -21,7 +21,7 @@ from rangedispatch.fusion.sites import process_group
 _funcol = torch.ops._c10d_functional
 
 
-def _rows(x: torch.Tensor, world: int) -> torch.Tensor:
+def token_rows(x: torch.Tensor, world: int) -> torch.Tensor:
     """``x`` as ``[tokens, hidden]``, padded with zero rows to a multiple of ``world``."""
     flat = x.reshape(-1, x.shape[-1])
     pad = -flat.shape[0] % world
@@ -37,7 +37,7 @@ def _block_rows(tokens, world):
 def sp_reduce_scatter(input: torch.Tensor, group_name: str) -> torch.Tensor:
     """The sum over the group of ``input``, this rank's block of token rows."""
     world = process_group(group_name).size()
-    return _funcol.wait_tensor(_funcol.reduce_scatter_tensor(_rows(input, world), "sum", world, group_name))
+    return _funcol.wait_tensor(_funcol.reduce_scatter_tensor(token_rows(input, world), "sum", world, group_name))
 
 
 @torch.library.custom_op("rangedispatch::sp_shard", mutates_args=())

@@ -10,8 +10,7 @@ only where something else uses it (typically the last layer's output). The first
 embedding output) is cut into blocks without communication. Token counts the world size does not
 divide are padded inside the ops (``sequence_parallel_op.py``), so the tier covers whole ranges.
 
-The replacement is written as a Python function over the site's operands and traced with
-``make_fx`` on their fake values, so that every new node carries the shapes Inductor needs.
+The replacement is written as a Python function over the site's operands (``replacement.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ from typing import Optional
 
 import torch
 import torch.fx
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from rangedispatch.fusion.matcher import FusionMatch, replace_each_site, retire_site
 from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
+from rangedispatch.fusion.replacement import insert_replacement
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, sp_all_gather, sp_reduce_scatter, sp_shard
 from rangedispatch.fusion.tier_plan import TierPass
 from rangedispatch.ranges import Range
@@ -32,7 +31,9 @@ from rangedispatch.ranges import Range
 class SequenceParallel(TierPass):
     name = "sequence_parallel"
     tier = "sequence_parallel"
-    output_op = "torch.ops.rangedispatch.sp_reduce_scatter.default"
+    # a site's reduce-scatter, or the async-TP op that took it over (async_tp_pass.py)
+    output_ops = ("torch.ops.rangedispatch.sp_reduce_scatter.default",
+                  "torch.ops.rangedispatch.sp_matmul_reduce_scatter.default")
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
         replaced = replace_each_site(graph, lambda m, anchor: self._replace(graph, m, anchor), "sequence parallelism")
@@ -49,9 +50,7 @@ class SequenceParallel(TierPass):
         residual = residual_block if residual_block is not None else m.residual
         operands = [n for n in (m.input, residual, m.weight, m.scale) if n is not None]
         replacement = _site_replacement(m, residual_is_block=residual_block is not None)
-        traced = _trace(replacement, operands)
-        with graph.inserting_before(anchor.next):  # (inserting_after would put each new node first)
-            out, _, whole_sum = graph.graph_copy(traced.graph, dict(zip(_placeholders(traced), operands)))
+        out, _, whole_sum = insert_replacement(graph, replacement, operands, after=anchor)
         retire_site(graph, m, out, whole_sum)
         return True
 
@@ -80,17 +79,3 @@ def _site_replacement(m: FusionMatch, residual_is_block: bool):
 
     return replacement
 
-
-def _trace(fn, operands: list[torch.fx.Node]) -> torch.fx.GraphModule:
-    """``fn`` as a post-grad graph: traced on the operands' fake values with Inductor's
-    decompositions (its lowerings expect e.g. ``convert_element_type``, not ``_to_copy``)."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    vals = [n.meta["val"] for n in operands]
-    fake_mode = torch._guards.detect_fake_mode(vals)
-    with fake_mode, torch.no_grad():
-        return make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="real")(*vals)
-
-
-def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "placeholder"]

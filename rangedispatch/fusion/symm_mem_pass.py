@@ -24,7 +24,7 @@ _WAIT = torch.ops._c10d_functional.wait_tensor.default
 class SymmMemAllReduce(TierPass):
     name = "symm_mem_allreduce"
     tier = "symm_mem"
-    output_op = "torch.ops.rangedispatch.symm_mem_all_reduce.default"
+    output_ops = ("torch.ops.rangedispatch.symm_mem_all_reduce.default",)
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
         _, last = self.plan.symm_span

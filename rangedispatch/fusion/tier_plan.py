@@ -10,12 +10,14 @@ Per site (process group x bytes per token), from the hardware profile at the gro
     fused:  1 .. fused_max_bytes(hidden) // bytes_per_token tokens       (0: never)
     symm:   ceil(symm_mem_min_bytes / bpt) .. symm_mem_max_bytes // bpt  (None: never)
     sp:     ceil(sp_min_bytes(hidden) / bpt) .. max_num_tokens            (None: never)
+    async:  ceil(async_tp_min_bytes / bpt) .. max_num_tokens, inside sp   (None: never)
 
 A range runs one tier for all of its sites, so the model's spans are the most restrictive ones:
 fused ranges end at the smallest fused limit (a site that cannot be fused turns fusion off); the
 symmetric-memory ranges lie after that and inside the span of every site that can use the tier
 (the others stay with NCCL there); the sequence-parallel ranges lie after both, from the largest
-start of the sites that can use it. Split points at the span ends make each range fall in one tier.
+start of the sites that can use it; async tensor parallelism, on top of it, from the largest start of
+its sites. Split points at the span ends make each range fall in one tier.
 """
 
 from __future__ import annotations
@@ -50,16 +52,19 @@ class SiteTiers:
     fused_tokens: int  # fused up to this many tokens; 0: never
     symm_tokens: Optional[tuple[int, int]]  # where symmetric memory pays; None: never
     sp_from: Optional[int]  # sequence parallelism from this many tokens; None: never
+    async_tp_from: Optional[int]  # async TP on top of it from this many tokens; None: never
 
 
 class TierPlan:
     """The tiers of every all-reduce site one wrapped model traced. ``symm_backend`` None: the
     symmetric-memory tier is off (``fusion.symm_mem=false``)."""
 
-    def __init__(self, hardware: HardwareConfig, fused_backend: str, symm_backend: Optional[str], max_num_tokens: int):
+    def __init__(self, hardware: HardwareConfig, fused_backend: str, symm_backend: Optional[str], max_num_tokens: int,
+                 async_tp: bool = False):
         self.hardware = hardware
         self.fused_backend = fused_backend
         self.symm_backend = symm_backend
+        self.async_tp = async_tp  # the profile's async-TP sizes are used (fusion.async_tp)
         self.max_num_tokens = max_num_tokens
         self.sites: dict[tuple[str, int], SiteTiers] = {}
         self._observed: set[int] = set()
@@ -76,8 +81,9 @@ class TierPlan:
             self._say_no_all_reduce(gm)
         for site in sites:
             if site.key not in self.sites:
-                self.sites[site.key] = SiteTiers(site, self._fused_tokens(site), self._symm_tokens(site),
-                                                 self._sp_from(site))
+                sp_from = self._sp_from(site)
+                self.sites[site.key] = SiteTiers(site, self._fused_tokens(site), self._symm_tokens(site), sp_from,
+                                                 self._async_tp_from(site) if sp_from is not None else None)
 
     def _fused_tokens(self, site: AllReduceSite) -> int:
         from rangedispatch.fusion import backends
@@ -125,6 +131,19 @@ class TierPlan:
                  min_bytes)
         return start
 
+    def _async_tp_from(self, site: AllReduceSite) -> Optional[int]:
+        min_bytes = self.hardware.thresholds_for(site.world_size).async_tp_min_bytes
+        if not self.async_tp or not min_bytes:
+            return None
+        reason = peer_memory_unsupported(site)
+        if reason is not None:
+            log.info("async TP off for all-reduce %s: %s", site.node, reason)
+            return None
+        start = max(1, -(-min_bytes // site.bytes_per_token))
+        log.info("async TP from %d tokens for group %s (hardware %s: from %d bytes)", start, site.group_name,
+                 self.hardware.name, min_bytes)
+        return start
+
     def _say_no_all_reduce(self, gm: torch.fx.GraphModule) -> None:
         import torch.distributed as dist
 
@@ -166,15 +185,29 @@ class TierPlan:
         first = max(self.fused_end + 1, symm[1] + 1 if symm else 0, *starts)
         return (first, self.max_num_tokens) if first <= self.max_num_tokens else None
 
+    @property
+    def async_tp_span(self) -> Optional[tuple[int, int]]:
+        """``[first, max_num_tokens]``: ranges inside it add async TP to sequence parallelism; None: none."""
+        sp, starts = self.sp_span, [s.async_tp_from for s in self.sites.values() if s.async_tp_from is not None]
+        if sp is None or not starts:
+            return None
+        first = max(sp[0], *starts)
+        return (first, sp[1]) if first <= sp[1] else None
+
     def span(self, tier: str) -> Optional[tuple[int, int]]:
-        """The token counts ``[first, last]`` of ``tier`` ("fused", "symm_mem", "sequence_parallel"); None: none."""
+        """The token counts ``[first, last]`` of ``tier`` ("fused", "symm_mem", "sequence_parallel",
+        "async_tp"); None: none."""
         if tier == "fused":
             return (1, self.fused_end) if self.fused_end >= 1 else None
-        return self.symm_span if tier == "symm_mem" else self.sp_span
+        return {"symm_mem": self.symm_span, "sequence_parallel": self.sp_span, "async_tp": self.async_tp_span}[tier]
 
     def sp_serves(self, group_name: str) -> bool:
         """Whether the all-reduces of this group are sites the sequence-parallel tier serves."""
         return any(s.sp_from is not None and s.site.group_name == group_name for s in self.sites.values())
+
+    def async_tp_serves(self, group_name: str) -> bool:
+        """Whether the sequence-parallel collectives of this group may be overlapped with their matmuls."""
+        return any(s.async_tp_from is not None and s.site.group_name == group_name for s in self.sites.values())
 
     def symm_serves(self, group_name: str, dtype: torch.dtype, hidden: int) -> bool:
         """Whether the all-reduce of a compiled graph (group, dtype, row size) is a site the
@@ -186,7 +219,7 @@ class TierPlan:
         """Everything that changes the rewritten graphs: thresholds, backends and the spans."""
         t = sorted((k, dataclasses.astuple(v)) for k, v in self.hardware.thresholds.items())
         return (f"{self.hardware.name}|{t}|{self.fused_backend}|{self.symm_backend}|fused<={self.fused_end}"
-                f"|symm={self.symm_span}|sp={self.sp_span}")
+                f"|symm={self.symm_span}|sp={self.sp_span}|async_tp={self.async_tp_span}")
 
 
 class TierPass(GraphPass):
