@@ -150,6 +150,30 @@ def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[l
         added += new
 
 
+@contextlib.contextmanager
+def _range_bounds(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[None]:
+    """While the passes of a range run, the token count's value range is the range's. A pass that
+    traces new ops on fake values (make_fx) has their sizes checked against the traced size's hint
+    otherwise: a graph traced at 2 tokens would make sequence parallelism's token block "one row" for
+    a range of thousands. Not around the whole compile: the bounds would become guards of Inductor's
+    cache entry, which the next process checks against the traced size. A range reaching below the
+    traced bounds (1 token; a symbol is never below 2) keeps them."""
+    fake_mode = torch._guards.detect_fake_mode(list(fakes)) if len(symbols) == 1 else None
+    shape_env = getattr(fake_mode, "shape_env", None)
+    (sym,) = symbols if shape_env is not None else (None,)
+    traced = shape_env.var_to_range.get(sym) if shape_env is not None else None
+    if traced is None or r.is_single_size or not (traced.lower <= r.start and r.end <= traced.upper):
+        yield
+        return
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    shape_env.var_to_range[sym] = ValueRanges(r.start, r.end)
+    try:
+        yield
+    finally:
+        shape_env.var_to_range[sym] = traced
+
+
 def _holds_over(guard: Any, sym: Any, r: Range) -> bool:
     """True if ``guard`` (a sympy relation in ``sym``) holds for every token count in ``r``, by the
     value-range analysis the shape environment itself uses (interval arithmetic: "unknown" is False)."""
@@ -342,7 +366,8 @@ class RangeCompiler:
                      "call the model under torch.no_grad() or torch.inference_mode() to apply them",
                      graph.index, ", ".join(p.name for p in passes if p.inference_only))
             passes = [p for p in passes if not p.inference_only]
-        pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass)
+        bounds = (lambda: _range_bounds(graph.fakes, graph.symbols, r)) if symbolic else None
+        pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass, bounds=bounds)
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
         start = time.perf_counter()
         patch = {"post_grad_custom_post_pass": pipeline, **self.policy.inductor_options(r)}

@@ -9,8 +9,9 @@ on it: anything less and one range's cached graph comes back for another.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -52,16 +53,19 @@ class GraphPass:
 class RangePassPipeline(CustomGraphPass):
     """The passes that apply to one range, run in order as Inductor's post-grad custom pass."""
 
-    def __init__(self, passes: Sequence[GraphPass], r: Range, previous: Optional[Any] = None):
+    def __init__(self, passes: Sequence[GraphPass], r: Range, previous: Optional[Any] = None,
+                 bounds: Optional[Callable[[], ContextManager]] = None):
         self.passes = list(passes)
         self.range = r
         self.previous = previous  # a post-grad custom pass the user had configured: still runs first
+        self.bounds = bounds  # a context the passes run in: the range's bounds on the token count
         self.returned: Optional[dict[str, int]] = None  # what the passes returned (None: a cache hit)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.previous is not None:
             self.previous(graph)
-        self.returned = {p.name: int(p(graph, self.range) or 0) for p in self.passes}
+        with self.bounds() if self.bounds is not None else contextlib.nullcontext():
+            self.returned = {p.name: int(p(graph, self.range) or 0) for p in self.passes}
         graph.lint()
 
     def uuid(self) -> Optional[Any]:

@@ -14,7 +14,12 @@ SP = ["hardware=cpu", "dispatch.max_num_tokens=4096", "dispatch.split_points=[8]
 # symm-mem to 2048 tokens; sequence parallelism measured for this hidden size from 2560 tokens (320 KiB)
 WITH_SYMM_MEM = [*SP, "+hardware.thresholds.default.symm_mem_max_bytes=262144",
                  "+hardware.thresholds.default.sp_min_bytes_by_hidden={64: 327680}"]
+# async TP on top from 1563 tokens (200000 B / 128 B per token)
+ASYNC_TP = [*SP, "+hardware.thresholds.default.async_tp_min_bytes=200000"]
 TOKENS = (4, 300, 513, 1001, 2049, 3001)
+# the tier from the first byte, no fusion: blocks of 1 row are left to NCCL
+FROM_ONE_TOKEN = ["hardware=cpu", "dispatch.max_num_tokens=64", "dispatch.split_points=[8]",
+                  "hardware.thresholds.default.fused_max_bytes=0", "+hardware.thresholds.default.sp_min_bytes=1"]
 
 
 def _run(rank, world):
@@ -28,19 +33,22 @@ def _run(rank, world):
     torch.set_num_threads(1)
     torch._inductor.config.fx_graph_cache = False  # the census pass must see every graph
     out = {}
-    for name, overrides in {"sp": SP, "with_symm_mem": WITH_SYMM_MEM}.items():
+    configs = {"sp": (SP, TOKENS), "with_symm_mem": (WITH_SYMM_MEM, TOKENS), "async_tp": (ASYNC_TP, TOKENS),
+               "from_one_token": (FROM_ONE_TOKEN, (1, 2, 3, 5, 64))}
+    for name, (overrides, tokens) in configs.items():
         torch.manual_seed(0)
         model = TPMLPBlock(hidden=HIDDEN, intermediate=128, layers=3, norm="llama", dtype=torch.bfloat16)
         census = CensusPass()
         m = RangeCompiledModule(model, load_config(overrides), passes=[census])
         errors = {}
-        for n in TOKENS:
+        for n in tokens:
             x = torch.randn(n, HIDDEN, dtype=torch.bfloat16)
             with torch.no_grad():
                 y, h = m(x.clone())
                 ye, he = model(x.clone())
             errors[n] = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in ((y, ye), (h, he)))
-        ops = ("sp_reduce_scatter.default", "sp_shard.default", "sp_all_gather.default", "all_reduce.default")
+        ops = ("sp_reduce_scatter.default", "sp_shard.default", "sp_all_gather.default", "all_reduce.default",
+               "sp_matmul_reduce_scatter.default", "sp_all_gather_matmul.default", "mm.default")
         census_counts = {str(r): tuple(seen.get(op, 0) for op in ops) for r, seen in census.seen.items()}
         out[name] = dict(ranges=[str(r) for r in m.ranges], errors=errors, census=census_counts,
                          matches={str(r): {k: v for k, v in s["matches"].items() if k != "census"}
@@ -61,8 +69,8 @@ def test_the_largest_range_is_sequence_parallel_and_matches_eager(results):
         assert res["matches"]["[513,4096]"] == {"sequence_parallel": 3}
         # 3 layers: a reduce-scatter each, one block cut from the first residual (the others stay
         # split), an all-gather of each norm output and one of the last sum (a graph output)
-        assert res["census"]["[513,4096]"] == (3, 1, 4, 0)
-        assert res["census"]["[9,512]"] == (0, 0, 0, 0)  # fused there
+        assert res["census"]["[513,4096]"] == (3, 1, 4, 0, 0, 0, 6)
+        assert res["census"]["[9,512]"] == (0, 0, 0, 0, 0, 0, 6)  # fused there
 
 
 def test_sequence_parallelism_starts_above_the_symmetric_memory_tier_where_its_hidden_size_says(results):
@@ -72,3 +80,24 @@ def test_sequence_parallelism_starts_above_the_symmetric_memory_tier_where_its_h
     assert res["matches"]["[513,2048]"] == {"symm_mem_allreduce": 3}
     assert res["matches"]["[2049,2559]"] == {}  # NCCL: above symm-mem, below this hidden size's start
     assert res["matches"]["[2560,4096]"] == {"sequence_parallel": 3}
+
+
+def test_async_tp_joins_the_collectives_to_their_matmuls_from_its_own_start(results):
+    for rank in results:
+        res = rank["async_tp"]
+        assert res["ranges"] == ["[1,8]", "[9,512]", "[513,1562]", "[1563,4096]"]
+        assert all(err < 1e-2 for err in res["errors"].values()), res["errors"]
+        assert res["matches"]["[513,1562]"] == {"sequence_parallel": 3}
+        assert res["census"]["[513,1562]"] == (3, 1, 4, 0, 0, 0, 6)
+        # each reduce-scatter takes the row-parallel matmul before it; the gathers before the second and
+        # third layers take their column-parallel matmul. Left: the first layer's matmul (it reads the
+        # whole input, nothing gathered) and the gathers of the outputs (nothing multiplies them)
+        assert res["matches"]["[1563,4096]"] == {"sequence_parallel": 3, "async_tp": 5}
+        assert res["census"]["[1563,4096]"] == (0, 1, 2, 0, 3, 2, 1)
+
+
+def test_ranges_whose_blocks_could_hold_one_row_stay_with_nccl(results):
+    res = results[0]["from_one_token"]
+    assert res["ranges"] == ["[1,2]", "[3,8]", "[9,64]"]  # Inductor compiles a symbolic block as >= 2 rows
+    assert all(err < 1e-2 for err in res["errors"].values()), res["errors"]
+    assert res["matches"]["[1,2]"] == {} and res["matches"]["[3,8]"] == {"sequence_parallel": 3}

@@ -99,6 +99,24 @@ def test_sequence_parallel_pays_from_the_trailing_run_of_wins():
     assert thresholds(op).sp_min_bytes == 0 and thresholds(op).series[0].sp_from is None  # not measured
 
 
+def test_async_tp_is_judged_against_sequence_parallelism_which_takes_its_better_form():
+    op = _rows({(2048, False): [(1, 10, 5, None), (64, 20, 10, 12)]})
+    # plain sequence parallelism always loses to NCCL; with async TP on top it wins from 2048 tokens
+    points = [(512, 200, 210, 205), (1024, 400, 420, 405), (2048, 800, 820, 790), (4096, 1600, 1640, 1560)]
+    rows = op + [dict(hidden=2048, fp8=False, tokens=n, bytes=n * 2048 * 2, tier=tier, us=us)
+                 for n, nccl, sp, async_tp in points
+                 for tier, us in (("block_nccl", nccl), ("block_sp", sp), ("block_async_tp", async_tp))]
+    t = thresholds(rows)
+    assert t.series[0].sp_from == t.sp_min_bytes == 2048 * 2048 * 2  # the tier pays in its async form
+    assert t.series[0].async_tp_from == t.async_tp_min_bytes == 512 * 2048 * 2  # async beats plain SP throughout
+    slower = [(n, nccl, sp, sp * 1.01) for n, nccl, sp, _ in points]
+    rows = op + [dict(hidden=2048, fp8=False, tokens=n, bytes=n * 2048 * 2, tier=tier, us=us)
+                 for n, nccl, sp, async_tp in slower
+                 for tier, us in (("block_nccl", nccl), ("block_sp", sp), ("block_async_tp", async_tp))]
+    t = thresholds(rows)
+    assert t.series[0].async_tp_from == 0 and t.async_tp_min_bytes == 0 and t.sp_min_bytes == 0
+
+
 def _symm_rows(series):
     """series: {hidden: [(tokens, nccl, fused, symm)]} at bf16 without FP8 (one-shot tiers only)."""
     rows = []
@@ -196,10 +214,11 @@ def test_tune_cli_on_cpu_measures_the_reference_tier(tmp_path):
     hw = load_config(["hardware=cpubox"], config_dirs=[tmp_path]).hardware
     assert hw.name == "cpubox" and hw.fused_backend == "reference"
     assert "Sequence-parallel tier (2-layer TP block, sequence parallelism vs NCCL) per repeat:" in out
+    assert "Async TP on top (vs sequence parallelism) per repeat:" in out
     # written by the ranks as they measure: header + tokens 1, 2, 4 x (2 op-level tiers + the 2-layer block
-    # without and with sequence parallelism)
+    # without and with sequence parallelism, and with async TP on top)
     sweep = (tmp_path / "sweep.csv").read_text()
-    assert sweep.count("\n") == 1 + 3 * 2 + 3 * 2 and sweep.count(",block_sp,") == 3
+    assert sweep.count("\n") == 1 + 3 * 2 + 3 * 3 and sweep.count(",block_sp,") == sweep.count(",block_async_tp,") == 3
 
 
 def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
@@ -208,15 +227,15 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
 
     measured = crossover.Thresholds(4096, 4096, [], {64: 4096}, symm_mem_min_bytes=1024, symm_mem_max_bytes=65536,
                                     symm_mem_oneshot_max_bytes=8192)
-    measured.sp_min_bytes, measured.sp_by_hidden = 65536, {64: 32768}
+    measured.sp_min_bytes, measured.sp_by_hidden, measured.async_tp_min_bytes = 65536, {64: 32768}, 131072
     base = load_config(["hardware=h100", "+hardware.thresholds.4.sp_min_bytes=8388608"]).hardware
     profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, measured, base, ["test"]))
     hw = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware
     assert hw.thresholds_for(4).sp_min_bytes == 8388608  # kept from the base profile, every key of it
     assert hw.thresholds_for(2).sp_min_bytes_for(64) == 32768 and hw.thresholds_for(2).sp_min_bytes_for(128) == 65536
     t = hw.thresholds_for(2)
-    assert (t.fused_max_bytes_by_hidden, t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (
-        {"64": 4096}, 1024, 65536, 8192)
+    assert (t.fused_max_bytes_by_hidden, t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes,
+            t.async_tp_min_bytes) == ({"64": 4096}, 1024, 65536, 8192, 131072)
 
 
 def test_a_stopped_sweep_is_analyzed_from_what_it_wrote(tmp_path):

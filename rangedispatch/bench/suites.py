@@ -171,11 +171,10 @@ def sequence_parallel_level(cfg: RangeDispatchConfig, hidden: int, tokens: Itera
 
 def sequence_parallel_variants(model: torch.nn.Module, cfg: RangeDispatchConfig, world: int,
                                max_n: int) -> dict[str, RangeCompiledModule]:
-    """The sequence-parallel tier at every size, without and (on CUDA) with async TP on top."""
-    variants = {"sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n))}
-    if torch.cuda.is_available():
-        variants["async_tp"] = RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n, async_tp=True))
-    return variants
+    """The sequence-parallel tier at every size, without and with async TP on top (whose kernels need
+    CUDA: elsewhere it runs through the process group, and says so)."""
+    return {"sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
+            "async_tp": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n, async_tp=True))}
 
 
 def _time_block_variants(variants: dict[str, Callable], hidden: int, tokens: list[int], calls: int, replays: int,

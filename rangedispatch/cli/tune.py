@@ -33,7 +33,8 @@ from rangedispatch.tune.config import TuneConfig
 GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot",
              "symm_mem_oneshot": "symm_oneshot", "symm_mem_twoshot": "symm_twoshot"}
 CPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_reference": "reference"}
-SP_TIERS = {"fusion_off": "block_nccl", "sequence_parallel": "block_sp"}  # the 2-layer block's variants
+# the 2-layer block's variants
+SP_TIERS = {"fusion_off": "block_nccl", "sequence_parallel": "block_sp", "async_tp": "block_async_tp"}
 SWEEP_FIELDS = ["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"]
 
 
@@ -124,7 +125,7 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     rows, info = result["rows"], result["info"]
     # what was swept, read off the rows (a recorded sweep need not match the tune config)
     swept = f"{sorted({r['hidden'] for r in rows})}, fp8 {sorted({r['fp8'] for r in rows})}"
-    block = (crossover.SP_BASE, crossover.SP_TIER)  # the sequence-parallel sweep has its own sizes
+    block = tuple(SP_TIERS.values())  # the sequence-parallel sweep has its own sizes
     max_bytes = max(r["bytes"] for r in rows if r["tier"] not in block)
     sp_bytes = max((r["bytes"] for r in rows if r["tier"] in block), default=0)
     sp_swept = f"; the 2-layer block up to {_common.size_text(sp_bytes)}" if sp_bytes else ""
@@ -147,6 +148,8 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     starts = {h: [t.sp_by_hidden[h] for t in per_repeat if h in t.sp_by_hidden]
               for h in sorted({h for t in per_repeat for h in t.sp_by_hidden})}
     final.sp_by_hidden = {h: max(v) if all(v) else 0 for h, v in starts.items()}
+    async_tp = [t.async_tp_min_bytes for t in per_repeat]
+    final.async_tp_min_bytes = max(async_tp) if all(async_tp) else 0
     mib = _common.size_text
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
@@ -170,14 +173,16 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
                + "; ".join(f"from {mib(b)}" if b else "never" for b in sp)
                + (f". Profile: from {mib(final.sp_min_bytes)}" if final.sp_min_bytes else ". Profile: none")
                + " (per hidden size: " + ", ".join(f"{h}: {_sp_text(b, mib)}" for h, b in final.sp_by_hidden.items())
-               + ")."
+               + "). Async TP on top (vs sequence parallelism) per repeat: "
+               + "; ".join(f"from {mib(b)}" if b else "never" for b in async_tp)
+               + (f". Profile: from {mib(final.async_tp_min_bytes)}." if final.async_tp_min_bytes else ". Profile: none.")
                if sp_measured else "Sequence-parallel tier: not measured (tune.sp_max_bytes=0)."), "",
               "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size "
-              "| symm-mem won (above fused) | sequence parallelism pays |",
-              "|---|---|---|---|---|---|---|"]
+              "| symm-mem won (above fused) | sequence parallelism pays | async TP pays (vs it) |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s.hidden} | {s.fp8} | {mib(s.fused_max_bytes)} | "
               f"{'no crossover' if s.oneshot_max_bytes is None else mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} | "
-              f"{_band(s.symm_band, mib)} | {_sp_text(s.sp_from, mib)} |"
+              f"{_band(s.symm_band, mib)} | {_sp_text(s.sp_from, mib)} | {_sp_text(s.async_tp_from, mib)} |"
               for s in per_repeat[0].series]
     provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
                   f"flashinfer {info['flashinfer']}.",
@@ -214,12 +219,13 @@ def plot(rows: list[dict], path: Path) -> str | None:
     series: dict = {}
     for r in rows:
         series.setdefault((r["repeat"], r["hidden"], r["fp8"]), {}).setdefault(r["bytes"], {})[r["tier"]] = r["us"]
-    from rangedispatch.tune.crossover import FUSED_TIERS, SP_BASE, SP_TIER, SYMM_TIERS
+    from rangedispatch.tune.crossover import ASYNC_TP_TIER, FUSED_TIERS, SP_BASE, SP_TIER, SYMM_TIERS
 
     for (repeat, hidden, fp8), by_bytes in sorted(series.items()):
         for tiers, base, style, what in ((FUSED_TIERS, "nccl", "-" if repeat == 0 else "--", "fused"),
                                          (SYMM_TIERS, "nccl", ":", "symm-mem"),
-                                         ((SP_TIER,), SP_BASE, "-.", "sequence parallel (2-layer block)")):
+                                         ((SP_TIER,), SP_BASE, "-.", "sequence parallel (2-layer block)"),
+                                         ((ASYNC_TP_TIER,), SP_BASE, (0, (1, 3)), "async TP (2-layer block)")):
             sizes = sorted(b for b, t in by_bytes.items() if base in t and any(k in t for k in tiers))
             if not sizes or (what != "fused" and repeat):
                 continue

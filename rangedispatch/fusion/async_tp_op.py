@@ -97,7 +97,7 @@ def sp_matmul_reduce_scatter(input: torch.Tensor, weight: torch.Tensor, group_na
 
 @sp_matmul_reduce_scatter.register_fake
 def _(input, weight, group_name, backend, max_tokens):
-    block = -(-input.shape[0] // group_size(group_name))
+    block = (input.shape[0] + group_size(group_name) - 1) // group_size(group_name)  # as sp_reduce_scatter
     return input.new_empty((block, weight.shape[1]))
 
 

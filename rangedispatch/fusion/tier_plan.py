@@ -182,7 +182,10 @@ class TierPlan:
         if not starts:
             return None
         symm = self.symm_span
-        first = max(self.fused_end + 1, symm[1] + 1 if symm else 0, *starts)
+        # every rank's block holds at least 2 rows: Inductor compiles a symbolic size as >= 2 (0/1
+        # specialization), so a range whose blocks may hold 1 row would run with broken guards
+        two_rows = 1 + max(s.site.world_size for s in self.sites.values() if s.sp_from is not None)
+        first = max(self.fused_end + 1, symm[1] + 1 if symm else 0, two_rows, *starts)
         return (first, self.max_num_tokens) if first <= self.max_num_tokens else None
 
     @property

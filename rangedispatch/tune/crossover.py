@@ -17,10 +17,12 @@ there caps the tier at the fused limit (it is never used at that hidden size). T
 highest start and lowest end over the series: ``[symm_mem_min_bytes, symm_mem_max_bytes]``.
 
 The sequence-parallel tier is timed on its own unit (``block_nccl`` vs ``block_sp``: a 2-layer TP
-block without and with it). It serves the largest sizes, so per series it pays from the start of
-the trailing run of wins; a loss at the largest size means never. The profile keeps each hidden
-size's start (``sp_min_bytes_by_hidden``, 0: never) and, for hidden sizes not measured, the latest
-start over the series (``sp_min_bytes``; no tier if any measured series never wins).
+block without and with it; ``block_async_tp``: with async TP on top). It serves the largest sizes,
+so per series it pays (in its better form) from the start of the trailing run of wins; a loss at
+the largest size means never. The profile keeps each hidden size's start (``sp_min_bytes_by_hidden``,
+0: never) and, for hidden sizes not measured, the latest start over the series (``sp_min_bytes``;
+no tier if any measured series never wins). Async TP is judged the same way against plain sequence
+parallelism (``async_tp_min_bytes``: the latest start; none if any measured series never wins).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Iterable, Optional
 
 FUSED_TIERS = ("oneshot", "twoshot", "reference")
 SYMM_TIERS = ("symm_oneshot", "symm_twoshot")
-SP_BASE, SP_TIER = "block_nccl", "block_sp"
+SP_BASE, SP_TIER, ASYNC_TP_TIER = "block_nccl", "block_sp", "block_async_tp"
 
 
 @dataclass
@@ -46,6 +48,7 @@ class SeriesResult:
     symm_band: Optional[tuple[Optional[int], int]] = None
     symm_oneshot_max_bytes: Optional[int] = None  # None: symm one-shot never lost to two-shot in the band
     sp_from: Optional[int] = None  # sequence parallelism pays from here to the largest size; 0: lost there; None: not measured
+    async_tp_from: Optional[int] = None  # async TP beats plain sequence parallelism from here; same codes
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Thresholds:
     symm_mem_oneshot_max_bytes: int = 0
     sp_min_bytes: int = 0  # the sequence-parallel tier from here up (for hidden sizes not measured); 0: none
     sp_by_hidden: dict[int, int] = field(default_factory=dict)  # per measured hidden size; 0: never there
+    async_tp_min_bytes: int = 0  # async TP on top of sequence parallelism from here up; 0: none
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -110,16 +114,26 @@ def _symm_band(by_bytes: dict[int, dict[str, float]], fused_max: int) -> Optiona
 
 def _sp_from(by_bytes: dict[int, dict[str, float]]) -> Optional[int]:
     sizes = sorted(b for b, t in by_bytes.items() if SP_BASE in t and SP_TIER in t)
+    best = [min(v for k, v in by_bytes[b].items() if k in (SP_TIER, ASYNC_TP_TIER)) for b in sizes]
+    return trailing_run_start(sizes, [v / by_bytes[b][SP_BASE] for v, b in zip(best, sizes)])
+
+
+def _async_tp_from(by_bytes: dict[int, dict[str, float]]) -> Optional[int]:
+    sizes = sorted(b for b, t in by_bytes.items() if SP_TIER in t and ASYNC_TP_TIER in t)
+    return trailing_run_start(sizes, [by_bytes[b][ASYNC_TP_TIER] / by_bytes[b][SP_TIER] for b in sizes])
+
+
+def trailing_run_start(sizes: list[int], ratios: list[float]) -> Optional[int]:
+    """The first size of the trailing run of (smoothed) wins; 0: lost at the largest size; None: no sizes."""
     if not sizes:
         return None
-    wins = [r <= 1.0 for r in smoothed([by_bytes[b][SP_TIER] / by_bytes[b][SP_BASE] for b in sizes])]
+    wins = [r <= 1.0 for r in smoothed(ratios)]
     if not wins[-1]:
         return 0
     start = len(sizes) - 1
     while start > 0 and wins[start - 1]:
         start -= 1
     return sizes[start]
-
 
 def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, float]]]:
     out: dict[tuple[int, bool], dict[int, dict[str, float]]] = {}
@@ -142,7 +156,8 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
         symm_oneshot = _one_vs_two(by_bytes, [b for b in sizes if band and band[0] <= b <= band[1]],
                                    "symm_oneshot", "symm_twoshot") if band and band[0] is not None else None
         results.append(SeriesResult(hidden, fp8, fused_max, oneshot_max, capped_by_sweep=fused_max == sizes[-1],
-                                    symm_band=band, symm_oneshot_max_bytes=symm_oneshot, sp_from=_sp_from(by_bytes)))
+                                    symm_band=band, symm_oneshot_max_bytes=symm_oneshot, sp_from=_sp_from(by_bytes),
+                                    async_tp_from=_async_tp_from(by_bytes)))
     if not results:
         return Thresholds(0, 0, [])
     by_hidden: dict[int, int] = {}
@@ -154,6 +169,8 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
     out.sp_by_hidden = {s.hidden: s.sp_from for s in results if s.sp_from is not None}
     sp_starts = list(out.sp_by_hidden.values())
     out.sp_min_bytes = max(sp_starts) if sp_starts and all(sp_starts) else 0
+    async_starts = [s.async_tp_from for s in results if s.async_tp_from is not None]
+    out.async_tp_min_bytes = max(async_starts) if async_starts and all(async_starts) else 0
     bands = [s.symm_band for s in results if s.symm_band is not None]
     starts = [b[0] for b in bands if b[0] is not None]
     if starts:

@@ -25,7 +25,8 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
     as_profile = TierThresholds(
         measured.fused_max_bytes, measured.oneshot_max_bytes, {str(h): b for h, b in sorted(measured.by_hidden.items())},
         measured.symm_mem_min_bytes, measured.symm_mem_max_bytes, measured.symm_mem_oneshot_max_bytes,
-        measured.sp_min_bytes, {str(h): b for h, b in sorted(measured.sp_by_hidden.items())})
+        measured.sp_min_bytes, {str(h): b for h, b in sorted(measured.sp_by_hidden.items())},
+        measured.async_tp_min_bytes)
     lines += [f'  "{world_size}":  # measured', *_entry(as_profile)]
     for ws in order:
         key = ws if ws == "default" else f'"{ws}"'

@@ -62,17 +62,20 @@ def test_tensor_parallel_hf_model_fuses_like_the_handwritten_form(matrix, case):
 SP_CASES = [("llama", "handwritten"), ("llama", "dtensor")]
 
 
-def test_sequence_parallel_tier_on_hf_llama_matches_eager():
+def test_sequence_parallel_tier_with_async_tp_on_hf_llama_matches_eager():
     """Above the fused sizes, every site becomes reduce-scatter -> norm on a block of tokens ->
-    all-gather (odd token counts included), under hand-written and DTensor TP."""
+    all-gather (odd token counts included), under hand-written and DTensor TP; async TP then joins
+    each reduce-scatter to the projection before it (o_proj, down_proj) and each gather to the
+    projections after it (gate/up; the second layer's q/k/v), through the process group here."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    sp = ["+hardware.thresholds.default.sp_min_bytes=65536"]
+    sp = ["+hardware.thresholds.default.sp_min_bytes=65536", "+hardware.thresholds.default.async_tp_min_bytes=65536"]
     for rank_results in spawn_ranks(_matrix, 2, SP_CASES, sp, (1, 5, THRESHOLD + 45, 700), backend="gloo"):
         for case in SP_CASES:
             res = rank_results[case]
             assert res["ranges"] == ["[1,8]", "[9,32]", f"[33,{THRESHOLD}]", f"[{THRESHOLD + 1},1024]"], case
             assert max(res["errors"]) < 1e-4, (case, res["errors"])
-            assert (f"[{THRESHOLD + 1},1024]", SITES) in res["per_graph"], (case, res["per_graph"])
+            # SITES sequence-parallel sites; async TP: SITES matmul + reduce-scatter, 3 gathers + matmuls
+            assert (f"[{THRESHOLD + 1},1024]", SITES + SITES + 3) in res["per_graph"], (case, res["per_graph"])
