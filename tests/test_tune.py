@@ -99,22 +99,24 @@ def test_sequence_parallel_pays_from_the_trailing_run_of_wins():
     assert thresholds(op).sp_min_bytes == 0 and thresholds(op).series[0].sp_from is None  # not measured
 
 
+def _block_rows(points):
+    """points: [(tokens, block without, with sequence parallelism, with async TP on top)] at hidden 2048."""
+    return [dict(hidden=2048, fp8=False, tokens=n, bytes=n * 2048 * 2, tier=tier, us=us)
+            for n, nccl, sp, async_tp in points
+            for tier, us in (("block_nccl", nccl), ("block_sp", sp), ("block_async_tp", async_tp))]
+
+
 def test_async_tp_is_judged_against_sequence_parallelism_which_takes_its_better_form():
     op = _rows({(2048, False): [(1, 10, 5, None), (64, 20, 10, 12)]})
     # plain sequence parallelism always loses to NCCL; with async TP on top it wins from 2048 tokens
     points = [(512, 200, 210, 205), (1024, 400, 420, 405), (2048, 800, 820, 790), (4096, 1600, 1640, 1560)]
-    rows = op + [dict(hidden=2048, fp8=False, tokens=n, bytes=n * 2048 * 2, tier=tier, us=us)
-                 for n, nccl, sp, async_tp in points
-                 for tier, us in (("block_nccl", nccl), ("block_sp", sp), ("block_async_tp", async_tp))]
-    t = thresholds(rows)
+    t = thresholds(op + _block_rows(points))
     assert t.series[0].sp_from == t.sp_min_bytes == 2048 * 2048 * 2  # the tier pays in its async form
     assert t.series[0].async_tp_from == t.async_tp_min_bytes == 512 * 2048 * 2  # async beats plain SP throughout
-    slower = [(n, nccl, sp, sp * 1.01) for n, nccl, sp, _ in points]
-    rows = op + [dict(hidden=2048, fp8=False, tokens=n, bytes=n * 2048 * 2, tier=tier, us=us)
-                 for n, nccl, sp, async_tp in slower
-                 for tier, us in (("block_nccl", nccl), ("block_sp", sp), ("block_async_tp", async_tp))]
-    t = thresholds(rows)
+    t = thresholds(op + _block_rows([(n, nccl, sp, sp * 1.01) for n, nccl, sp, _ in points]))
     assert t.series[0].async_tp_from == 0 and t.async_tp_min_bytes == 0 and t.sp_min_bytes == 0
+    tie = [(n, nccl, nccl * 1.01, nccl * (0.999 if n == 4096 else 1.01)) for n, nccl, _, _ in points]
+    assert thresholds(op + _block_rows(tie)).sp_min_bytes == 0  # 0.1% ahead at the largest size is no win
 
 
 def _symm_rows(series):

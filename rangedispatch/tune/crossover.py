@@ -23,6 +23,8 @@ the largest size means never. The profile keeps each hidden size's start (``sp_m
 0: never) and, for hidden sizes not measured, the latest start over the series (``sp_min_bytes``;
 no tier if any measured series never wins). Async TP is judged the same way against plain sequence
 parallelism (``async_tp_min_bytes``: the latest start; none if any measured series never wins).
+Both add collectives and workspaces, so a win there means at least ``SP_MIN_GAIN`` faster: a
+0.1% edge at one size is within the spread between repeats.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Iterable, Optional
 FUSED_TIERS = ("oneshot", "twoshot", "reference")
 SYMM_TIERS = ("symm_oneshot", "symm_twoshot")
 SP_BASE, SP_TIER, ASYNC_TP_TIER = "block_nccl", "block_sp", "block_async_tp"
+SP_MIN_GAIN = 0.01  # the sequence-parallel forms win where they are at least 1% faster
 
 
 @dataclass
@@ -124,10 +127,11 @@ def _async_tp_from(by_bytes: dict[int, dict[str, float]]) -> Optional[int]:
 
 
 def trailing_run_start(sizes: list[int], ratios: list[float]) -> Optional[int]:
-    """The first size of the trailing run of (smoothed) wins; 0: lost at the largest size; None: no sizes."""
+    """The first size of the trailing run of (smoothed) wins by ``SP_MIN_GAIN``; 0: lost at the
+    largest size; None: no sizes."""
     if not sizes:
         return None
-    wins = [r <= 1.0 for r in smoothed(ratios)]
+    wins = [r <= 1.0 - SP_MIN_GAIN for r in smoothed(ratios)]
     if not wins[-1]:
         return 0
     start = len(sizes) - 1
