@@ -160,13 +160,13 @@ def _range_bounds(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[None
     traced bounds (1 token; a symbol is never below 2) keeps them."""
     fake_mode = torch._guards.detect_fake_mode(list(fakes)) if len(symbols) == 1 else None
     shape_env = getattr(fake_mode, "shape_env", None)
-    (sym,) = symbols if shape_env is not None else (None,)
-    traced = shape_env.var_to_range.get(sym) if shape_env is not None else None
+    traced = shape_env.var_to_range.get(next(iter(symbols))) if shape_env is not None else None
     if traced is None or r.is_single_size or not (traced.lower <= r.start and r.end <= traced.upper):
         yield
         return
     from torch.utils._sympy.value_ranges import ValueRanges
 
+    (sym,) = symbols
     shape_env.var_to_range[sym] = ValueRanges(r.start, r.end)
     try:
         yield
