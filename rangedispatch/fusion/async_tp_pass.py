@@ -24,6 +24,7 @@ import torch
 import torch.fx
 
 from rangedispatch.fusion.async_tp_op import SP_ALL_GATHER_MATMUL, SP_MATMUL_REDUCE_SCATTER
+from rangedispatch.fusion.matcher import is_call
 from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, SP_REDUCE_SCATTER
 from rangedispatch.fusion.tier_plan import TierPass, TierPlan
@@ -33,10 +34,6 @@ log = logging.getLogger("rangedispatch")
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _is(node: object, *targets: object) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
 
 
 class AsyncTensorParallel(TierPass):
@@ -52,9 +49,9 @@ class AsyncTensorParallel(TierPass):
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
         replaced = 0
         for node in list(graph.nodes):
-            if _is(node, SP_ALL_GATHER) and self.plan.async_tp_serves(node.args[1]):
+            if is_call(node, SP_ALL_GATHER) and self.plan.async_tp_serves(node.args[1]):
                 replaced += self._gather_matmuls(graph, node)
-            elif _is(node, SP_REDUCE_SCATTER) and self.plan.async_tp_serves(node.args[1]):
+            elif is_call(node, SP_REDUCE_SCATTER) and self.plan.async_tp_serves(node.args[1]):
                 replaced += self._matmul_reduce_scatter(graph, node)
         return replaced
 
@@ -86,7 +83,7 @@ class AsyncTensorParallel(TierPass):
             graph.erase_node(matmul)
         gather.replace_all_uses_with(whole)
         graph.erase_node(gather)
-        for view in [u for u in whole.users if _is(u, *_VIEWS) and not u.users]:
+        for view in [u for u in whole.users if is_call(u, *_VIEWS) and not u.users]:
             graph.erase_node(view)
         return 1
 
@@ -96,7 +93,7 @@ class AsyncTensorParallel(TierPass):
         if matmul is None:
             return 0
         a, w = matmul.args
-        size_reads = [u for n in {source, matmul} for u in n.users if _is(u, aten.sym_size.int)]
+        size_reads = [u for n in {source, matmul} for u in n.users if is_call(u, aten.sym_size.int)]
         if not all(_same_size(u.meta["val"], a.meta["val"].shape[0]) for u in size_reads):
             return 0
         for read in size_reads:  # the token count, read off the product: a's rows
@@ -114,14 +111,14 @@ def _whole_matmuls(gather: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.
     """``(matmul, weight, bias)`` for each matmul reading the whole gathered tensor as 2-D tokens."""
     hidden = gather.args[2][-1]
     flats = [gather] if len(gather.args[2]) == 2 else []
-    flats += [u for u in gather.users if _is(u, *_VIEWS) and u.meta["val"].dim() == 2
+    flats += [u for u in gather.users if is_call(u, *_VIEWS) and u.meta["val"].dim() == 2
               and u.meta["val"].shape[-1] == hidden]
     found = []
     for flat in flats:
         for user in flat.users:
-            if _is(user, aten.mm.default) and user.args[0] is flat and not user.kwargs:
+            if is_call(user, aten.mm.default) and user.args[0] is flat and not user.kwargs:
                 found.append((user, user.args[1], None))
-            elif _is(user, aten.addmm.default) and user.args[1] is flat and not user.kwargs and len(user.args) == 3 \
+            elif is_call(user, aten.addmm.default) and user.args[1] is flat and not user.kwargs and len(user.args) == 3 \
                     and user.args[0].meta["val"].dim() == 1:
                 found.append((user, user.args[2], user.args[0]))
     return found
@@ -130,10 +127,10 @@ def _whole_matmuls(gather: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.
 def _only_producer_matmul(source: torch.fx.Node) -> Optional[torch.fx.Node]:
     """The ``mm`` whose only use is ``source`` (itself, or a view of it that only the reduce-scatter
     reads); reading a size (``sym_size``) is not a use."""
-    matmul = source.args[0] if _is(source, *_VIEWS) else source
-    if not _is(matmul, aten.mm.default):
+    matmul = source.args[0] if is_call(source, *_VIEWS) else source
+    if not is_call(matmul, aten.mm.default):
         return None
-    uses = [u for n in {source, matmul} for u in n.users if u is not source and not _is(u, aten.sym_size.int)]
+    uses = [u for n in {source, matmul} for u in n.users if u is not source and not is_call(u, aten.sym_size.int)]
     return matmul if len(uses) == 1 else None
 
 

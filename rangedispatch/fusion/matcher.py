@@ -52,7 +52,8 @@ class FusionMatch:
     dead: list[torch.fx.Node] = field(default_factory=list)  # all nodes of the site, in graph order
 
 
-def _is(node: Any, *targets: Any) -> bool:
+def is_call(node: Any, *targets: Any) -> bool:
+    """Whether ``node`` is a graph call of one of ``targets``."""
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
 
 
@@ -75,14 +76,14 @@ def _alpha(node: torch.fx.Node) -> Any:
 
 
 def _is_convert(node: Any, dtype: torch.dtype) -> bool:
-    return _is(node, prims.convert_element_type.default) and node.args[1] == dtype
+    return is_call(node, prims.convert_element_type.default) and node.args[1] == dtype
 
 
 def find_matches(graph: torch.fx.Graph) -> tuple[list[FusionMatch], list[str]]:
     """All fusable sites and, for the all-reduces that were not fused, why not."""
     matches, skipped = [], []
     for node in graph.nodes:
-        if not _is(node, funcol.wait_tensor.default) or not _is(node.args[0], funcol.all_reduce.default):
+        if not is_call(node, funcol.wait_tensor.default) or not is_call(node.args[0], funcol.all_reduce.default):
             continue
         result = _match_site(node)
         if isinstance(result, FusionMatch):
@@ -105,7 +106,7 @@ def _match_site(wait: torch.fx.Node) -> Any:
     dtype = xv.dtype
 
     residual, pre_norm, dead = None, wait, [ar, wait]
-    adds = [u for u in wait.users if _is(u, aten.add.Tensor)]
+    adds = [u for u in wait.users if is_call(u, aten.add.Tensor)]
     if len(wait.users) == 1 and len(adds) == 1:
         add = adds[0]
         if _alpha(add) != 1:
@@ -143,30 +144,30 @@ def _match_norm(h: torch.fx.Node, dtype: torch.dtype) -> Any:
         if h32 is None:
             return "no RMSNorm follows (no fp32 upcast of the pre-norm value)"
         nodes.append(h32)
-    square = next((u for u in h32.users if (_is(u, aten.pow.Tensor_Scalar) and u.args[1] == 2)
-                   or (_is(u, aten.mul.Tensor) and u.args[0] is h32 and u.args[1] is h32)), None)
+    square = next((u for u in h32.users if (is_call(u, aten.pow.Tensor_Scalar) and u.args[1] == 2)
+                   or (is_call(u, aten.mul.Tensor) and u.args[0] is h32 and u.args[1] is h32)), None)
     if square is None:
         return "no RMSNorm follows (no square of the pre-norm value)"
     mean = _only_user(square)
     ndim = _val(h).dim()
-    if not _is(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [ndim - 1]) or not (
+    if not is_call(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [ndim - 1]) or not (
         len(mean.args) > 2 and mean.args[2] or mean.kwargs.get("keepdim")
     ):
         return "the square is not averaged over the last dim with keepdim"
     if mean.kwargs.get("dtype") not in (None, torch.float32):
         return f"the mean square is computed in {mean.kwargs['dtype']}"
     add_eps = _only_user(mean)
-    if not _is(add_eps, aten.add.Tensor, aten.add.Scalar) or add_eps.args[0] is not mean or not isinstance(
+    if not is_call(add_eps, aten.add.Tensor, aten.add.Scalar) or add_eps.args[0] is not mean or not isinstance(
         add_eps.args[1], (int, float)
     ) or isinstance(add_eps.args[1], bool):
         return "no constant eps added to the mean square"
     if _alpha(add_eps) != 1:
         return f"eps is added with alpha={_alpha(add_eps)}"
     rsqrt = _only_user(add_eps)
-    if not _is(rsqrt, aten.rsqrt.default):
+    if not is_call(rsqrt, aten.rsqrt.default):
         return "no rsqrt of the mean square"
     normed = _only_user(rsqrt)
-    if not _is(normed, aten.mul.Tensor) or _other(normed, rsqrt) is not h32:
+    if not is_call(normed, aten.mul.Tensor) or _other(normed, rsqrt) is not h32:
         return "rsqrt does not scale the pre-norm value"
     allowed_h32_users = {square, normed}
     if set(h32.users) - allowed_h32_users and h32 is not h:
@@ -195,37 +196,37 @@ def _match_weight(normed: torch.fx.Node, dtype: torch.dtype) -> Any:
     user = _only_user(normed)
     fp32 = dtype == torch.float32
     if fp32:
-        if _is(user, aten.mul.Tensor):
+        if is_call(user, aten.mul.Tensor):
             w = _other(user, normed)
             if _is_hidden_vector(w):
                 return [user], w, "standard", user
-            if (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and _alpha(w) == 1 and _is_hidden_vector(w.args[0])
+            if (is_call(w, aten.add.Tensor) and w.args[1] == 1.0 and _alpha(w) == 1 and _is_hidden_vector(w.args[0])
                     and len(w.users) == 1):
                 return [w, user], w.args[0], "gemma", user
         return [], None, "none", normed
     if _is_convert(user, dtype):  # llama: cast, then scale in the input dtype
         scaler = _only_user(user)
-        if _is(scaler, aten.mul.Tensor) and _is_hidden_vector(_other(scaler, user)):
+        if is_call(scaler, aten.mul.Tensor) and _is_hidden_vector(_other(scaler, user)):
             return [user, scaler], _other(scaler, user), "llama", scaler
         return [user], None, "none", user
-    if _is(user, aten.mul.Tensor):
+    if is_call(user, aten.mul.Tensor):
         w = _other(user, normed)
         if _is_hidden_vector(w) and _val(w).dtype == dtype:
             weight, mode, nodes = w, "standard", [user]
-        elif (_is(w, aten.add.Tensor) and w.args[1] == 1.0 and _alpha(w) == 1 and len(w.users) == 1
+        elif (is_call(w, aten.add.Tensor) and w.args[1] == 1.0 and _alpha(w) == 1 and len(w.users) == 1
                 and _is_convert(w.args[0], torch.float32) and len(w.args[0].users) == 1
                 and _is_hidden_vector(w.args[0].args[0]) and _val(w.args[0].args[0]).dtype == dtype):
             weight, mode, nodes = w.args[0].args[0], "gemma", [w.args[0], w, user]
-        elif _is(w, aten.add.Tensor) and _alpha(w) != 1:
+        elif is_call(w, aten.add.Tensor) and _alpha(w) != 1:
             return f"the norm weight offset is added with alpha={_alpha(w)}"
-        elif _is_hidden_vector(w) or (_is(w, aten.add.Tensor) and _is_hidden_vector(w.args[0])):
+        elif _is_hidden_vector(w) or (is_call(w, aten.add.Tensor) and _is_hidden_vector(w.args[0])):
             return f"norm weight dtype differs from activation dtype {dtype} (fusing would change numerics)"
         else:
             return "the norm output is scaled by something other than a weight vector"
         cast = _only_user(user)
         if _is_convert(cast, dtype):
             return nodes + [cast], weight, mode, cast
-        if _is(cast, aten.div.Tensor):
+        if is_call(cast, aten.div.Tensor):
             # Inductor on CUDA drops the round trip to the input dtype before an FP8 quant; the quant
             # must follow (checked by the caller), and the fused op keeps eager's rounding
             return nodes, weight, mode, user
@@ -244,7 +245,7 @@ def _match_quant(out: torch.fx.Node) -> tuple[Optional[torch.fx.Node], torch.fx.
         src, user = user, _only_user(user)
     else:
         src = out
-    if not _is(user, aten.div.Tensor) or user.args[0] is not src:
+    if not is_call(user, aten.div.Tensor) or user.args[0] is not src:
         return None, out, []
     scale = user.args[1]
     sv = _val(scale)
@@ -253,11 +254,11 @@ def _match_quant(out: torch.fx.Node) -> tuple[Optional[torch.fx.Node], torch.fx.
     nodes.append(user)
     info = torch.finfo(FP8_DTYPE)
     nxt = _only_user(user)
-    if _is(nxt, aten.clamp.default) and tuple(nxt.args[1:3]) == (info.min, info.max):
+    if is_call(nxt, aten.clamp.default) and tuple(nxt.args[1:3]) == (info.min, info.max):
         nodes.append(nxt)
-    elif _is(nxt, aten.clamp_min.default) and nxt.args[1] == info.min:
+    elif is_call(nxt, aten.clamp_min.default) and nxt.args[1] == info.min:
         upper = _only_user(nxt)
-        if not (_is(upper, aten.clamp_max.default) and upper.args[1] == info.max):
+        if not (is_call(upper, aten.clamp_max.default) and upper.args[1] == info.max):
             return None, out, []
         nodes += [nxt, upper]
         nxt = upper

@@ -15,12 +15,10 @@ The replacement is written as a Python function over the site's operands (``repl
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.fx
 
-from rangedispatch.fusion.matcher import FusionMatch, replace_each_site, retire_site
+from rangedispatch.fusion.matcher import FusionMatch, is_call, replace_each_site, retire_site
 from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
 from rangedispatch.fusion.replacement import insert_replacement
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, sp_all_gather, sp_reduce_scatter, sp_shard
@@ -46,17 +44,13 @@ class SequenceParallel(TierPass):
         if not self.plan.sp_serves(m.group_name):
             return False
         # the previous site's sum, gathered: take its block instead
-        residual_block = m.residual.args[0] if _is_gathered_sum(m.residual) else None
+        residual_block = m.residual.args[0] if is_call(m.residual, SP_ALL_GATHER) else None
         residual = residual_block if residual_block is not None else m.residual
         operands = [n for n in (m.input, residual, m.weight, m.scale) if n is not None]
         replacement = _site_replacement(m, residual_is_block=residual_block is not None)
         out, _, whole_sum = insert_replacement(graph, replacement, operands, after=anchor)
         retire_site(graph, m, out, whole_sum)
         return True
-
-
-def _is_gathered_sum(node: Optional[torch.fx.Node]) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is SP_ALL_GATHER
 
 
 def _site_replacement(m: FusionMatch, residual_is_block: bool):
