@@ -14,8 +14,10 @@ SP = ["hardware=cpu", "dispatch.max_num_tokens=4096", "dispatch.split_points=[8]
 # symm-mem to 2048 tokens; sequence parallelism measured for this hidden size from 2560 tokens (320 KiB)
 WITH_SYMM_MEM = [*SP, "+hardware.thresholds.default.symm_mem_max_bytes=262144",
                  "+hardware.thresholds.default.sp_min_bytes_by_hidden={64: 327680}"]
-# async TP on top from 1563 tokens (200000 B / 128 B per token)
-ASYNC_TP = [*SP, "+hardware.thresholds.default.async_tp_min_bytes=200000"]
+# async TP on top from 1563 tokens (200000 B / 128 B per token), measured for this hidden size (the
+# start for other hidden sizes is never used)
+ASYNC_TP = [*SP, "+hardware.thresholds.default.async_tp_min_bytes=999999999",
+            "+hardware.thresholds.default.async_tp_min_bytes_by_hidden={64: 200000}"]
 TOKENS = (4, 300, 513, 1001, 2049, 3001)
 # the tier from the first byte, no fusion: blocks of 1 row are left to NCCL
 FROM_ONE_TOKEN = ["hardware=cpu", "dispatch.max_num_tokens=64", "dispatch.split_points=[8]",

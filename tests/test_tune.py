@@ -99,9 +99,9 @@ def test_sequence_parallel_pays_from_the_trailing_run_of_wins():
     assert thresholds(op).sp_min_bytes == 0 and thresholds(op).series[0].sp_from is None  # not measured
 
 
-def _block_rows(points):
-    """points: [(tokens, block without, with sequence parallelism, with async TP on top)] at hidden 2048."""
-    return [dict(hidden=2048, fp8=False, tokens=n, bytes=n * 2048 * 2, tier=tier, us=us)
+def _block_rows(points, hidden=2048):
+    """points: [(tokens, block without, with sequence parallelism, with async TP on top)]."""
+    return [dict(hidden=hidden, fp8=False, tokens=n, bytes=n * hidden * 2, tier=tier, us=us)
             for n, nccl, sp, async_tp in points
             for tier, us in (("block_nccl", nccl), ("block_sp", sp), ("block_async_tp", async_tp))]
 
@@ -117,6 +117,19 @@ def test_async_tp_is_judged_against_sequence_parallelism_which_takes_its_better_
     assert t.series[0].async_tp_from == 0 and t.async_tp_min_bytes == 0 and t.sp_min_bytes == 0
     tie = [(n, nccl, nccl * 1.01, nccl * (0.999 if n == 4096 else 1.01)) for n, nccl, _, _ in points]
     assert thresholds(op + _block_rows(tie)).sp_min_bytes == 0  # 0.1% ahead at the largest size is no win
+
+
+def test_async_tp_keeps_the_start_of_each_hidden_size():
+    op = _rows({(2048, False): [(1, 10, 5, None), (64, 20, 10, 12)], (4096, False): [(1, 10, 5, None)]})
+    # hidden 2048: plain SP loses, async TP wins from 1024 tokens (4 MiB); hidden 4096: async TP only
+    # beats plain SP from 2048 tokens (16 MiB). One start for both would run plain SP at hidden 2048
+    # from 4 to 16 MiB, where it loses to NCCL.
+    early = [(512, 200, 210, 215), (1024, 400, 420, 380), (2048, 800, 820, 760), (4096, 1600, 1640, 1520)]
+    late = [(512, 400, 380, 390), (1024, 800, 760, 770), (2048, 1600, 1520, 1450)]
+    t = thresholds(op + _block_rows(early) + _block_rows(late, hidden=4096))
+    assert t.sp_by_hidden == {2048: 4 * MiB, 4096: 4 * MiB}
+    assert t.async_by_hidden == {2048: 4 * MiB, 4096: 16 * MiB}
+    assert t.async_tp_min_bytes == 16 * MiB  # for hidden sizes not measured: the latest start
 
 
 def _symm_rows(series):
@@ -230,6 +243,7 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
     measured = crossover.Thresholds(4096, 4096, [], {64: 4096}, symm_mem_min_bytes=1024, symm_mem_max_bytes=65536,
                                     symm_mem_oneshot_max_bytes=8192)
     measured.sp_min_bytes, measured.sp_by_hidden, measured.async_tp_min_bytes = 65536, {64: 32768}, 131072
+    measured.async_by_hidden = {64: 16384}
     base = load_config(["hardware=h100", "+hardware.thresholds.4.sp_min_bytes=8388608"]).hardware
     profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, measured, base, ["test"]))
     hw = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware
@@ -238,6 +252,7 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
     t = hw.thresholds_for(2)
     assert (t.fused_max_bytes_by_hidden, t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes,
             t.async_tp_min_bytes) == ({"64": 4096}, 1024, 65536, 8192, 131072)
+    assert t.async_tp_min_bytes_for(64) == 16384 and t.async_tp_min_bytes_for(128) == 131072
 
 
 def test_a_stopped_sweep_is_analyzed_from_what_it_wrote(tmp_path):

@@ -233,7 +233,8 @@ def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: i
                            method=method)
                 if name in dispatch:
                     row.update(_dispatch_facts(fn, n))
-                    row["matches"] = fn.stats()[fn.range_for(n)]["matches"].get("allreduce_rmsnorm", 0)
+                    counts = fn.stats()[fn.range_for(n)]["matches"]
+                    row["matches"] = " ".join(f"{k}:{v}" for k, v in counts.items() if v) or "none"
                     a, b = outs[name], outs["torch_compile"]
                     row["rel_err"] = round(((a - b).norm() / b.norm()).item(), 5)
                 rows.append(row)

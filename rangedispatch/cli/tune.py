@@ -144,12 +144,10 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     sp = [t.sp_min_bytes for t in per_repeat]
     sp_measured = any(t.sp_by_hidden for t in per_repeat)
     final.sp_min_bytes = max(sp) if all(sp) else 0
-    # per hidden size: the latest start over the repeats that measured it, never if one never won
-    starts = {h: [t.sp_by_hidden[h] for t in per_repeat if h in t.sp_by_hidden]
-              for h in sorted({h for t in per_repeat for h in t.sp_by_hidden})}
-    final.sp_by_hidden = {h: max(v) if all(v) else 0 for h, v in starts.items()}
+    final.sp_by_hidden = _latest_by_hidden([t.sp_by_hidden for t in per_repeat])
     async_tp = [t.async_tp_min_bytes for t in per_repeat]
     final.async_tp_min_bytes = max(async_tp) if all(async_tp) else 0
+    final.async_by_hidden = _latest_by_hidden([t.async_by_hidden for t in per_repeat])
     mib = _common.size_text
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
@@ -175,7 +173,9 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
                + " (per hidden size: " + ", ".join(f"{h}: {_sp_text(b, mib)}" for h, b in final.sp_by_hidden.items())
                + "). Async TP on top (vs sequence parallelism) per repeat: "
                + "; ".join(f"from {mib(b)}" if b else "never" for b in async_tp)
-               + (f". Profile: from {mib(final.async_tp_min_bytes)}." if final.async_tp_min_bytes else ". Profile: none.")
+               + (f". Profile: from {mib(final.async_tp_min_bytes)}" if final.async_tp_min_bytes else ". Profile: none")
+               + " (per hidden size: " + ", ".join(f"{h}: {_sp_text(b, mib)}" for h, b in final.async_by_hidden.items())
+               + ")."
                if sp_measured else "Sequence-parallel tier: not measured (tune.sp_max_bytes=0)."), "",
               "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size "
               "| symm-mem won (above fused) | sequence parallelism pays | async TP pays (vs it) |",
@@ -193,6 +193,12 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     device_name = info["card"] if result["cuda"] else "cpu"
     return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware,
                                                   provenance, device_name)
+
+
+def _latest_by_hidden(per_repeat: list[dict[int, int]]) -> dict[int, int]:
+    """Per hidden size: the latest start over the repeats that measured it; 0 (never) if one never won."""
+    starts = {h: [r[h] for r in per_repeat if h in r] for h in sorted({h for r in per_repeat for h in r})}
+    return {h: max(v) if all(v) else 0 for h, v in starts.items()}
 
 
 def _sp_text(sp_from, mib) -> str:

@@ -184,12 +184,19 @@ class TierThresholds:
     # them (torch symm-mem fused_all_gather_matmul / fused_matmul_reduce_scatter). 0: never. Its
     # workspace holds one rank's block of dispatch.max_num_tokens rows, twice, per group.
     async_tp_min_bytes: int = 0
+    # Where measured per hidden size (keys: hidden size as a string), it replaces async_tp_min_bytes
+    # for all-reduces of that hidden size (0 there: never): one start for all hidden sizes would
+    # leave plain sequence parallelism, which may lose to NCCL, where async TP already pays.
+    async_tp_min_bytes_by_hidden: dict[str, int] = field(default_factory=dict)
 
     def fused_max_bytes_for(self, hidden: int) -> int:
         return self.fused_max_bytes_by_hidden.get(str(hidden), self.fused_max_bytes)
 
     def sp_min_bytes_for(self, hidden: int) -> int:
         return self.sp_min_bytes_by_hidden.get(str(hidden), self.sp_min_bytes)
+
+    def async_tp_min_bytes_for(self, hidden: int) -> int:
+        return self.async_tp_min_bytes_by_hidden.get(str(hidden), self.async_tp_min_bytes)
 
 
 @dataclass
@@ -238,7 +245,7 @@ class HardwareConfig:
             if t.symm_mem_max_bytes and t.symm_mem_min_bytes > t.symm_mem_max_bytes:
                 raise fail(f"{k}.thresholds.{ws}.symm_mem_min_bytes", t.symm_mem_min_bytes,
                            f"at most symm_mem_max_bytes ({t.symm_mem_max_bytes})")
-            for name in ("fused_max_bytes_by_hidden", "sp_min_bytes_by_hidden"):
+            for name in ("fused_max_bytes_by_hidden", "sp_min_bytes_by_hidden", "async_tp_min_bytes_by_hidden"):
                 setattr(t, name, _bytes_by_hidden(f"{k}.thresholds.{ws}.{name}", getattr(t, name)))
             normalized[ws] = t
         self.thresholds = normalized

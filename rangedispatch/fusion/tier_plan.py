@@ -10,7 +10,7 @@ Per site (process group x bytes per token), from the hardware profile at the gro
     fused:  1 .. fused_max_bytes(hidden) // bytes_per_token tokens       (0: never)
     symm:   ceil(symm_mem_min_bytes / bpt) .. symm_mem_max_bytes // bpt  (None: never)
     sp:     ceil(sp_min_bytes(hidden) / bpt) .. max_num_tokens            (None: never)
-    async:  ceil(async_tp_min_bytes / bpt) .. max_num_tokens, inside sp   (None: never)
+    async:  ceil(async_tp_min_bytes(hidden) / bpt) .. max_num_tokens, inside sp   (None: never)
 
 A range runs one tier for all of its sites, so the model's spans are the most restrictive ones:
 fused ranges end at the smallest fused limit (a site that cannot be fused turns fusion off); the
@@ -132,7 +132,7 @@ class TierPlan:
         return start
 
     def _async_tp_from(self, site: AllReduceSite) -> Optional[int]:
-        min_bytes = self.hardware.thresholds_for(site.world_size).async_tp_min_bytes
+        min_bytes = self.hardware.thresholds_for(site.world_size).async_tp_min_bytes_for(site.hidden)
         if not self.async_tp or not min_bytes:
             return None
         reason = peer_memory_unsupported(site)

@@ -22,7 +22,8 @@ so per series it pays (in its better form) from the start of the trailing run of
 the largest size means never. The profile keeps each hidden size's start (``sp_min_bytes_by_hidden``,
 0: never) and, for hidden sizes not measured, the latest start over the series (``sp_min_bytes``;
 no tier if any measured series never wins). Async TP is judged the same way against plain sequence
-parallelism (``async_tp_min_bytes``: the latest start; none if any measured series never wins).
+parallelism, per hidden size (``async_by_hidden``) and, for hidden sizes not measured, the latest
+start (``async_tp_min_bytes``; none if any measured series never wins).
 Both add collectives and workspaces, so a win there means at least ``SP_MIN_GAIN`` faster: a
 0.1% edge at one size is within the spread between repeats.
 """
@@ -66,6 +67,7 @@ class Thresholds:
     sp_min_bytes: int = 0  # the sequence-parallel tier from here up (for hidden sizes not measured); 0: none
     sp_by_hidden: dict[int, int] = field(default_factory=dict)  # per measured hidden size; 0: never there
     async_tp_min_bytes: int = 0  # async TP on top of sequence parallelism from here up; 0: none
+    async_by_hidden: dict[int, int] = field(default_factory=dict)  # per measured hidden size; 0: never there
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -139,6 +141,13 @@ def trailing_run_start(sizes: list[int], ratios: list[float]) -> Optional[int]:
         start -= 1
     return sizes[start]
 
+
+def _latest(starts: Iterable[int]) -> int:
+    """The latest of the measured starts; 0 (never) if there are none or one never won."""
+    starts = list(starts)
+    return max(starts) if starts and all(starts) else 0
+
+
 def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, float]]]:
     out: dict[tuple[int, bool], dict[int, dict[str, float]]] = {}
     for r in rows:
@@ -171,10 +180,9 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
     oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
     out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
     out.sp_by_hidden = {s.hidden: s.sp_from for s in results if s.sp_from is not None}
-    sp_starts = list(out.sp_by_hidden.values())
-    out.sp_min_bytes = max(sp_starts) if sp_starts and all(sp_starts) else 0
-    async_starts = [s.async_tp_from for s in results if s.async_tp_from is not None]
-    out.async_tp_min_bytes = max(async_starts) if async_starts and all(async_starts) else 0
+    out.sp_min_bytes = _latest(out.sp_by_hidden.values())
+    out.async_by_hidden = {s.hidden: s.async_tp_from for s in results if s.async_tp_from is not None}
+    out.async_tp_min_bytes = _latest(out.async_by_hidden.values())
     bands = [s.symm_band for s in results if s.symm_band is not None]
     starts = [b[0] for b in bands if b[0] is not None]
     if starts:

@@ -26,7 +26,7 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
         measured.fused_max_bytes, measured.oneshot_max_bytes, {str(h): b for h, b in sorted(measured.by_hidden.items())},
         measured.symm_mem_min_bytes, measured.symm_mem_max_bytes, measured.symm_mem_oneshot_max_bytes,
         measured.sp_min_bytes, {str(h): b for h, b in sorted(measured.sp_by_hidden.items())},
-        measured.async_tp_min_bytes)
+        measured.async_tp_min_bytes, {str(h): b for h, b in sorted(measured.async_by_hidden.items())})
     lines += [f'  "{world_size}":  # measured', *_entry(as_profile)]
     for ws in order:
         key = ws if ws == "default" else f'"{ws}"'
