@@ -119,8 +119,11 @@ class RangeCompiledModule(nn.Module):
         table = RangeTable(points, [*self.config.compile_sizes, *self._extra_sizes], d.max_num_tokens)
         self._calls = {r: 0 for r in table.ranges}
         added = sorted(from_passes - set(d.split_points))
-        log.info("ranges: %s%s", " ".join(map(str, table.ranges)),
-                 f" (split points added by passes: {added})" if added else "")
+        passes = [f"{r} {'+'.join(p.name for p in ps)}" for r in table.ranges
+                  if (ps := self._compiler.policy.passes_for(r))]
+        log.info("ranges: %s%s%s", " ".join(map(str, table.ranges)),
+                 f" (split points added by passes: {added})" if added else "",
+                 f"; passes: {', '.join(passes)}" if passes else "")
         self._table = table
         self._compiler.final_split_points = set(table.split_points)
 

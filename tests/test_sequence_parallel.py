@@ -3,6 +3,8 @@ the largest range becomes reduce-scatter -> add and norm on this rank's block of
 all-gather, the residual stream stays split between sites, token counts the world size does not
 divide are padded, and the results match eager."""
 
+import logging
+
 import pytest
 import torch
 
@@ -34,6 +36,11 @@ def _run(rank, world):
 
     torch.set_num_threads(1)
     torch._inductor.config.fx_graph_cache = False  # the census pass must see every graph
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("rangedispatch").addHandler(handler)
+    logging.getLogger("rangedispatch").setLevel(logging.INFO)
     out = {}
     configs = {"sp": (SP, TOKENS), "with_symm_mem": (WITH_SYMM_MEM, TOKENS), "async_tp": (ASYNC_TP, TOKENS),
                "from_one_token": (FROM_ONE_TOKEN, (1, 2, 3, 5, 64))}
@@ -54,7 +61,9 @@ def _run(rank, world):
         census_counts = {str(r): tuple(seen.get(op, 0) for op in ops) for r, seen in census.seen.items()}
         out[name] = dict(ranges=[str(r) for r in m.ranges], errors=errors, census=census_counts,
                          matches={str(r): {k: v for k, v in s["matches"].items() if k != "census"}
-                                  for r, s in m.stats().items() if s["compiled"]})
+                                  for r, s in m.stats().items() if s["compiled"]},
+                         said=[line for line in said if line.startswith(("ranges:", "async TP", "symm_mem tier"))])
+        said.clear()
     return out
 
 
@@ -103,3 +112,13 @@ def test_ranges_whose_blocks_could_hold_one_row_stay_with_nccl(results):
     assert res["ranges"] == ["[1,2]", "[3,8]", "[9,64]"]  # Inductor compiles a symbolic block as >= 2 rows
     assert all(err < 1e-2 for err in res["errors"].values()), res["errors"]
     assert res["matches"]["[1,2]"] == {} and res["matches"]["[3,8]"] == {"sequence_parallel": 3}
+
+
+def test_the_log_says_where_each_tier_starts_and_which_passes_each_range_runs(results):
+    said = results[0]["async_tp"]["said"]
+    assert ("ranges: [1,8] [9,512] [513,1562] [1563,4096] (split points added by passes: [512, 1562]); passes: "
+            "[1,8] allreduce_rmsnorm+census, [9,512] allreduce_rmsnorm+census, [513,1562] sequence_parallel+census, "
+            "[1563,4096] sequence_parallel+async_tp+census") in said
+    assert any(line.startswith("async TP from 1563 tokens for group") for line in said)
+    said = results[0]["with_symm_mem"]["said"]  # its sizes from 1 token, but the fused tier has those up to 512
+    assert any(line.startswith("symm_mem tier for 513..2048 tokens of group") for line in said), said

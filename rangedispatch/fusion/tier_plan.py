@@ -81,9 +81,9 @@ class TierPlan:
             self._say_no_all_reduce(gm)
         for site in sites:
             if site.key not in self.sites:
-                sp_from = self._sp_from(site)
-                self.sites[site.key] = SiteTiers(site, self._fused_tokens(site), self._symm_tokens(site), sp_from,
-                                                 self._async_tp_from(site) if sp_from is not None else None)
+                sp_from, fused = self._sp_from(site), self._fused_tokens(site)
+                self.sites[site.key] = SiteTiers(site, fused, self._symm_tokens(site, fused), sp_from,
+                                                 self._async_tp_from(site, sp_from) if sp_from is not None else None)
 
     def _fused_tokens(self, site: AllReduceSite) -> int:
         from rangedispatch.fusion import backends
@@ -103,7 +103,7 @@ class TierPlan:
                  self.hardware.name, max_bytes)
         return limit
 
-    def _symm_tokens(self, site: AllReduceSite) -> Optional[tuple[int, int]]:
+    def _symm_tokens(self, site: AllReduceSite, fused: int) -> Optional[tuple[int, int]]:
         t = self.hardware.thresholds_for(site.world_size)
         if self.symm_backend is None or not t.symm_mem_max_bytes:
             return None
@@ -116,9 +116,9 @@ class TierPlan:
             return None
         bpt = site.bytes_per_token
         lo, hi = max(1, -(-t.symm_mem_min_bytes // bpt)), t.symm_mem_max_bytes // bpt
-        log.info("symm_mem tier for %d..%d tokens of group %s (world size %d, %d bytes/token, hardware %s: %d..%d "
-                 "bytes)", lo, hi, site.group_name, site.world_size, bpt, self.hardware.name, t.symm_mem_min_bytes,
-                 t.symm_mem_max_bytes)
+        where = f"for {max(lo, fused + 1)}..{hi} tokens" if hi > fused else f"unused: its {lo}..{hi} tokens are fused"
+        log.info("symm_mem tier %s of group %s (world size %d, %d bytes/token, hardware %s: %d..%d bytes)", where,
+                 site.group_name, site.world_size, bpt, self.hardware.name, t.symm_mem_min_bytes, t.symm_mem_max_bytes)
         return (lo, hi) if lo <= hi else None
 
     def _sp_from(self, site: AllReduceSite) -> Optional[int]:
@@ -131,7 +131,7 @@ class TierPlan:
                  min_bytes)
         return start
 
-    def _async_tp_from(self, site: AllReduceSite) -> Optional[int]:
+    def _async_tp_from(self, site: AllReduceSite, sp_from: int) -> Optional[int]:
         min_bytes = self.hardware.thresholds_for(site.world_size).async_tp_min_bytes_for(site.hidden)
         if not self.async_tp or not min_bytes:
             return None
@@ -140,8 +140,8 @@ class TierPlan:
             log.info("async TP off for all-reduce %s: %s", site.node, reason)
             return None
         start = max(1, -(-min_bytes // site.bytes_per_token))
-        log.info("async TP from %d tokens for group %s (hardware %s: from %d bytes)", start, site.group_name,
-                 self.hardware.name, min_bytes)
+        log.info("async TP from %d tokens for group %s (with the sequence-parallel tier; hardware %s: from %d bytes)",
+                 max(start, sp_from), site.group_name, self.hardware.name, min_bytes)
         return start
 
     def _say_no_all_reduce(self, gm: torch.fx.GraphModule) -> None:
