@@ -59,14 +59,15 @@ def test_tensor_parallel_hf_model_fuses_like_the_handwritten_form(matrix, case):
                                            (f"[{THRESHOLD + 1},1024]", 0)])
 
 
-SP_CASES = [("llama", "handwritten"), ("llama", "dtensor")]
+SP_CASES = [("llama", "handwritten"), ("llama", "dtensor"), ("qwen2", "handwritten")]  # Qwen2: q/k/v with biases
 
 
 def test_sequence_parallel_tier_with_async_tp_on_hf_llama_matches_eager():
     """Above the fused sizes, every site becomes reduce-scatter -> norm on a block of tokens ->
     all-gather (odd token counts included), under hand-written and DTensor TP; async TP then joins
     each reduce-scatter to the projection before it (o_proj, down_proj) and each gather to the
-    projections after it (gate/up; the second layer's q/k/v), through the process group here."""
+    projections after it (gate/up; the second layer's q/k/v, their biases added after), through the
+    process group here."""
     import sys
     from pathlib import Path
 
