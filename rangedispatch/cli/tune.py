@@ -143,10 +143,10 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
         final.symm_mem_oneshot_max_bytes = min(o for _, _, o in symm)
     sp = [t.sp_min_bytes for t in per_repeat]
     sp_measured = any(t.sp_by_hidden for t in per_repeat)
-    final.sp_min_bytes = max(sp) if all(sp) else 0
+    final.sp_min_bytes = crossover.latest_start(sp)
     final.sp_by_hidden = _latest_by_hidden([t.sp_by_hidden for t in per_repeat])
     async_tp = [t.async_tp_min_bytes for t in per_repeat]
-    final.async_tp_min_bytes = max(async_tp) if all(async_tp) else 0
+    final.async_tp_min_bytes = crossover.latest_start(async_tp)
     final.async_by_hidden = _latest_by_hidden([t.async_by_hidden for t in per_repeat])
     mib = _common.size_text
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
@@ -197,8 +197,10 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
 
 def _latest_by_hidden(per_repeat: list[dict[int, int]]) -> dict[int, int]:
     """Per hidden size: the latest start over the repeats that measured it; 0 (never) if one never won."""
-    starts = {h: [r[h] for r in per_repeat if h in r] for h in sorted({h for r in per_repeat for h in r})}
-    return {h: max(v) if all(v) else 0 for h, v in starts.items()}
+    from rangedispatch.tune.crossover import latest_start
+
+    hidden = sorted({h for r in per_repeat for h in r})
+    return {h: latest_start(r[h] for r in per_repeat if h in r) for h in hidden}
 
 
 def _sp_text(sp_from, mib) -> str:

@@ -142,7 +142,7 @@ def trailing_run_start(sizes: list[int], ratios: list[float]) -> Optional[int]:
     return sizes[start]
 
 
-def _latest(starts: Iterable[int]) -> int:
+def latest_start(starts: Iterable[int]) -> int:
     """The latest of the measured starts; 0 (never) if there are none or one never won."""
     starts = list(starts)
     return max(starts) if starts and all(starts) else 0
@@ -180,9 +180,9 @@ def thresholds(rows: Iterable[dict]) -> Thresholds:
     oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
     out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
     out.sp_by_hidden = {s.hidden: s.sp_from for s in results if s.sp_from is not None}
-    out.sp_min_bytes = _latest(out.sp_by_hidden.values())
+    out.sp_min_bytes = latest_start(out.sp_by_hidden.values())
     out.async_by_hidden = {s.hidden: s.async_tp_from for s in results if s.async_tp_from is not None}
-    out.async_tp_min_bytes = _latest(out.async_by_hidden.values())
+    out.async_tp_min_bytes = latest_start(out.async_by_hidden.values())
     bands = [s.symm_band for s in results if s.symm_band is not None]
     starts = [b[0] for b in bands if b[0] is not None]
     if starts:
