@@ -144,10 +144,10 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     sp = [t.sp_min_bytes for t in per_repeat]
     sp_measured = any(t.sp_by_hidden for t in per_repeat)
     final.sp_min_bytes = crossover.latest_start(sp)
-    final.sp_by_hidden = _latest_by_hidden([t.sp_by_hidden for t in per_repeat])
+    final.sp_by_hidden = crossover.latest_start_by_hidden([t.sp_by_hidden for t in per_repeat])
     async_tp = [t.async_tp_min_bytes for t in per_repeat]
     final.async_tp_min_bytes = crossover.latest_start(async_tp)
-    final.async_by_hidden = _latest_by_hidden([t.async_by_hidden for t in per_repeat])
+    final.async_by_hidden = crossover.latest_start_by_hidden([t.async_by_hidden for t in per_repeat])
     mib = _common.size_text
     spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
     lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
@@ -193,14 +193,6 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     device_name = info["card"] if result["cuda"] else "cpu"
     return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware,
                                                   provenance, device_name)
-
-
-def _latest_by_hidden(per_repeat: list[dict[int, int]]) -> dict[int, int]:
-    """Per hidden size: the latest start over the repeats that measured it; 0 (never) if one never won."""
-    from rangedispatch.tune.crossover import latest_start
-
-    hidden = sorted({h for r in per_repeat for h in r})
-    return {h: latest_start(r[h] for r in per_repeat if h in r) for h in hidden}
 
 
 def _sp_text(sp_from, mib) -> str:

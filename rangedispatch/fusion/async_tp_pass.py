@@ -107,6 +107,7 @@ class AsyncTensorParallel(TierPass):
             graph.erase_node(node)
         return 1
 
+
 def _whole_matmuls(gather: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node, Optional[torch.fx.Node]]]:
     """``(matmul, weight, bias)`` for each matmul reading the whole gathered tensor as 2-D tokens."""
     hidden = gather.args[2][-1]
@@ -139,6 +140,7 @@ def _same_size(a: object, b: object) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return statically_known_true(a == b)
+
 
 def _depends_on(node: torch.fx.Node, ancestor: torch.fx.Node) -> bool:
     seen, todo = set(), [node]

@@ -148,6 +148,12 @@ def latest_start(starts: Iterable[int]) -> int:
     return max(starts) if starts and all(starts) else 0
 
 
+def latest_start_by_hidden(per_repeat: list[dict[int, int]]) -> dict[int, int]:
+    """Per hidden size: the latest start over the repeats that measured it; 0 (never) if one never won."""
+    hidden = sorted({h for r in per_repeat for h in r})
+    return {h: latest_start(r[h] for r in per_repeat if h in r) for h in hidden}
+
+
 def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, float]]]:
     out: dict[tuple[int, bool], dict[int, dict[str, float]]] = {}
     for r in rows:
