@@ -10,7 +10,9 @@ on it: anything less and one range's cached graph comes back for another.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch.fx
@@ -48,6 +50,17 @@ class GraphPass:
         """Everything about this pass that changes its output graph (code version, thresholds,
         backend...). Part of the Inductor cache key."""
         return type(self).__qualname__
+
+
+@functools.cache
+def source_digest(package: Path) -> str:
+    """Hash of the modules of ``package``, the code that shapes a pass's rewritten graphs: a changed
+    pass must never get a graph that Inductor cached for the old one."""
+    h = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 class RangePassPipeline(CustomGraphPass):

@@ -384,9 +384,15 @@ def _applied_passes(records: list) -> list[str]:
 
 
 def _config_passes(cfg: RangeDispatchConfig) -> list[GraphPass]:
-    """The passes the config turns on (the fusion pass, when enabled)."""
-    if not cfg.fusion.enabled:
-        return []
-    from rangedispatch.fusion import build_fusion_passes
+    """The passes the config turns on: the all-reduce tiers (fusion.enabled) and the skinny GEMM of
+    the decode ranges (where the hardware profile gives it a token limit)."""
+    passes: list[GraphPass] = []
+    if cfg.fusion.enabled:
+        from rangedispatch.fusion import build_fusion_passes
 
-    return build_fusion_passes(cfg)
+        passes += build_fusion_passes(cfg)
+    if cfg.compile.skinny_gemm != "never" and cfg.hardware.skinny_gemm_max_tokens:
+        from rangedispatch.gemm.skinny_gemm_pass import SkinnyGemm
+
+        passes.append(SkinnyGemm(cfg.hardware.skinny_gemm_max_tokens, cfg.compile.skinny_gemm))
+    return passes

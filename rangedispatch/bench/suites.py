@@ -104,8 +104,9 @@ def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: 
 
 def range_dispatch_variants(model: torch.nn.Module, cfg: RangeDispatchConfig, max_n: int,
                             compile_sizes: Sequence[int]) -> dict[str, RangeCompiledModule]:
-    """``range_dispatch`` (the hardware profile's thresholds as they are, ranges up to ``max_n``) and,
-    if ``compile_sizes``, ``range_dispatch_sizes`` (the same with those sizes as graphs of their own)."""
+    """``range_dispatch`` (the hardware profile's thresholds as they are, ranges up to ``max_n``), if
+    ``compile_sizes`` ``range_dispatch_sizes`` (the same with those sizes as graphs of their own), and
+    ``range_dispatch_cublas`` where the skinny GEMM is on (the same without it)."""
     def sized(extra: Sequence[int]) -> RangeDispatchConfig:
         d = cfg.dispatch
         return dataclasses.replace(cfg, dispatch=dataclasses.replace(
@@ -115,7 +116,16 @@ def range_dispatch_variants(model: torch.nn.Module, cfg: RangeDispatchConfig, ma
     variants = {"range_dispatch": RangeCompiledModule(model, sized(()))}
     if compile_sizes:
         variants["range_dispatch_sizes"] = RangeCompiledModule(model, sized(compile_sizes))
+    if skinny_gemm_on(cfg):
+        cublas = dataclasses.replace(cfg.compile, skinny_gemm="never")
+        variants["range_dispatch_cublas"] = RangeCompiledModule(model, dataclasses.replace(sized(()), compile=cublas))
     return variants
+
+
+def skinny_gemm_on(cfg: RangeDispatchConfig) -> bool:
+    """Whether range dispatch runs the skinny GEMM somewhere; then it is also timed without it
+    (``range_dispatch_cublas``), so that one run shows what the pass buys."""
+    return cfg.compile.skinny_gemm != "never" and cfg.hardware.skinny_gemm_max_tokens > 0
 
 
 def _dispatch_facts(fn: RangeCompiledModule, n: int) -> dict:

@@ -40,13 +40,13 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     bench = bench.as_run()
     cuda = torch.cuda.is_available()
     op_variants = suites.OP_VARIANTS if cuda else suites.CPU_OP_VARIANTS
-    total = 0
+    total, skinny = 0, suites.skinny_gemm_on(lib)
     if "op" in bench.levels:
         total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(op_variants)
     if "model" in bench.levels:
-        total += len(bench.model_shapes) * len(bench.model_tokens) * (5 + bool(bench.compile_sizes))
+        total += len(bench.model_shapes) * len(bench.model_tokens) * (5 + bool(bench.compile_sizes) + skinny)
     if "hf" in bench.levels:
-        total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * (2 + bool(bench.compile_sizes))
+        total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * (2 + bool(bench.compile_sizes) + skinny)
     step = _common.progress(total, rank, "timings")
     rows, boundaries = [], {}
 

@@ -22,6 +22,7 @@ from rangedispatch.config.checks import (
 
 OUT_OF_RANGE_MODES = ("error", "eager", "compile")
 MAX_AUTOTUNE_MODES = ("never", "single_sizes", "always")
+SKINNY_GEMM_MODES = ("never", "tuned", "always")
 FUSED_BACKENDS = ("auto", "reference", "flashinfer")
 
 
@@ -116,10 +117,17 @@ class CompileConfig:
     # false: cuBLAS stays, only the generated kernels are tuned (coordinate descent). Off by
     # default: on H200 the templates it picked made 32- and 128-token Llama graphs slower than cuBLAS.
     max_autotune_gemm: bool = False
+    # In the ranges up to the hardware profile's skinny_gemm_max_tokens (CUDA, bf16/fp16), replace
+    # each linear layer's matmul by a Triton skinny GEMM: "tuned" where timing it against cuBLAS at
+    # compile time (both ends of the range, in CUDA graphs) finds it 2% faster, "always" wherever it
+    # can run (for testing it; it may be slower), "never" keeps cuBLAS. Tuning adds seconds of
+    # compile time per weight shape and range.
+    skinny_gemm: str = "tuned"
 
     def __post_init__(self) -> None:
         check_choice(f"{self.SECTION}.max_autotune", self.max_autotune, MAX_AUTOTUNE_MODES)
         check_bool(f"{self.SECTION}.max_autotune_gemm", self.max_autotune_gemm)
+        check_choice(f"{self.SECTION}.skinny_gemm", self.skinny_gemm, SKINNY_GEMM_MODES)
 
 
 @dataclass
@@ -219,10 +227,14 @@ class HardwareConfig:
     # decoding, where coordinate-descent tuning turns each 1-row matmul into a tuned reduction).
     # Added to dispatch.compile_sizes; those above dispatch.max_num_tokens are not used.
     compile_sizes: list[int] = field(default_factory=list)
+    # The decode ranges: ranges ending at or below this many tokens get the skinny-GEMM pass
+    # (compile.skinny_gemm), and this count becomes a split point. 0: no such ranges.
+    skinny_gemm_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         k = self.SECTION
         check_str(f"{k}.name", self.name)
+        check_int(f"{k}.skinny_gemm_max_tokens", self.skinny_gemm_max_tokens, lo=0)
         if not isinstance(self.device_name, str):
             raise fail(f"{k}.device_name", self.device_name, "a device name (str)")
         check_choice(f"{k}.fused_backend", self.fused_backend, FUSED_BACKENDS[1:])

@@ -3,11 +3,8 @@ process group, how many bytes per token, on what device and dtype."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -99,15 +96,3 @@ def collective_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
             name = target.split(".")[1]
             counts[name] = counts.get(name, 0) + 1
     return counts
-
-
-@functools.cache
-def source_digest() -> str:
-    """Hash of the code that shapes rewritten graphs (this package's modules): a changed pass must
-    never get a graph that Inductor cached for the old one."""
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(here.glob("*.py")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]

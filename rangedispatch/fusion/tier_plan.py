@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -36,9 +37,8 @@ from rangedispatch.fusion.sites import (
     all_reduce_sites,
     collective_counts,
     peer_memory_unsupported,
-    source_digest,
 )
-from rangedispatch.passes import GraphPass
+from rangedispatch.passes import GraphPass, source_digest
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
@@ -249,4 +249,4 @@ class TierPass(GraphPass):
         return span is not None and span[0] <= r.start and r.end <= span[1]
 
     def config_key(self) -> str:
-        return f"v{source_digest()}|{self.plan.key()}"
+        return f"v{source_digest(Path(__file__).parent)}|{self.plan.key()}"

@@ -19,6 +19,9 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
         lines.append(f"device_name: {device_name!r}")
     if base.compile_sizes:
         lines.append(f"compile_sizes: {base.compile_sizes}  # kept from profile {base.name!r} (tune does not measure them)")
+    if base.skinny_gemm_max_tokens:
+        lines.append(f"skinny_gemm_max_tokens: {base.skinny_gemm_max_tokens}  # kept from profile {base.name!r} "
+                     "(tune does not measure it)")
     lines.append("thresholds:")
     entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
     order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))

@@ -1,0 +1,58 @@
+"""The skinny GEMM's tile configurations against cuBLAS, on one GPU: where ``CANDIDATES`` come from.
+
+For one rank's weights of a Llama at TP=2 (hidden 4096 and 8192), every configuration of a grid is
+timed at ``ROWS`` rows (16 by default: the decode range of the ``h200`` profile) through
+``torch.ops.rangedispatch.skinny_mm``, in CUDA graphs, and the five fastest per weight are printed
+with their speed-up over cuBLAS. Re-run it to pick candidates for another GPU.
+
+    python benchmarks/skinny_gemm_sweep.py [rows] [out.txt]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+from rangedispatch.bench.timing import time_us
+from rangedispatch.gemm.skinny_gemm_op import TileConfig, block_m_for, skinny_mm
+
+# (N, K) of one rank at TP=2: q, k/v, o, gate/up, down at hidden 8192 and 4096
+SHAPES = [(4096, 8192), (1024, 8192), (8192, 4096), (14336, 8192), (8192, 14336),
+          (2048, 4096), (512, 4096), (4096, 2048), (7168, 4096), (4096, 7168)]
+GRID = [(bn, bk, 1, warps, stages) for bn, bk, warps, stages in
+        itertools.product([16, 32, 64, 128], [64, 128, 256, 512], [4, 8], [2, 3, 4, 6])]
+GRID += [(bn, bk, split, 4, stages) for bn, bk, split, stages in itertools.product([32, 64], [128, 256], [2, 4], [3, 4])]
+
+
+def main(rows: int, out_path: str | None) -> None:
+    torch.manual_seed(0)
+    lines = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {rows} rows, bf16; median of 20 replays "
+             "of 10 calls"]
+    for n, k in SHAPES:
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+        x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+        ref = x @ w.t()
+        cublas, _ = time_us(lambda: x @ w.t(), calls=10, replays=20)
+        timed = []
+        for cand in GRID:
+            cfg = list(TileConfig(block_m_for(rows), *cand))
+            try:
+                err = ((skinny_mm(x, w.t(), None, cfg).float() - ref.float()).norm() / ref.float().norm()).item()
+            except Exception as e:  # a configuration this GPU cannot run (shared memory)
+                print(f"N={n} K={k} {TileConfig(*cfg)}: {type(e).__name__}", flush=True)
+                continue
+            us, _ = time_us(lambda: skinny_mm(x, w.t(), None, cfg), calls=10, replays=20)
+            timed.append((us, TileConfig(*cfg), err))
+        timed.sort()
+        best = "; ".join(f"{cfg} {us:.1f} us x{cublas / us:.3f} (err {err:.0e})" for us, cfg, err in timed[:5])
+        lines.append(f"N={n} K={k} cuBLAS {cublas:.1f} us ({w.numel() * 2 / cublas / 1e6:.2f} TB/s) | {best}")
+        print(lines[-1], flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 16, sys.argv[2] if len(sys.argv) > 2 else None)

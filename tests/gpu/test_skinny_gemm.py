@@ -1,0 +1,62 @@
+"""The skinny GEMM of the decode ranges on one CUDA GPU (Triton): the op against cuBLAS, and the pass
+in a wrapped model. Skipped elsewhere, with the reason."""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_skinny_mm_equals_cublas_for_any_row_count(dtype, bias, split_k):
+    from rangedispatch.gemm.skinny_gemm_op import TileConfig, skinny_mm
+
+    torch.manual_seed(0)
+    n, k = 1000, 1064  # neither a multiple of the tiles
+    w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
+    b = torch.randn(n, dtype=dtype, device="cuda") if bias else None
+    cfg = TileConfig(16, 64, 128, split_k, 4, 3)
+    for m in (1, 5, 16, 40):  # 40: more rows than one block holds
+        a = torch.randn(m, k, dtype=dtype, device="cuda")
+        ref = torch.addmm(b, a, w.t()) if bias else a @ w.t()
+        out = skinny_mm(a, w.t(), b, list(cfg))
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert rel_err(out, ref) < 1e-2, (m, rel_err(out, ref))
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, hidden=512, inter=1536):
+        super().__init__()
+        self.up = torch.nn.Linear(hidden, inter, bias=True)
+        self.down = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def test_the_pass_replaces_the_matmuls_of_the_decode_range_only():
+    from rangedispatch import RangeCompiledModule, load_config
+
+    torch.manual_seed(0)
+    model = _MLP().to("cuda", torch.bfloat16)
+    cfg = load_config(["hardware=h200", "hardware.skinny_gemm_max_tokens=16", "compile.skinny_gemm=always",
+                       "dispatch.max_num_tokens=256", "dispatch.split_points=[]", "hardware.compile_sizes=[]"])
+    m = RangeCompiledModule(model, cfg)
+    with torch.no_grad():
+        for n in (3, 16, 17, 100):
+            x = torch.randn(n, 512, dtype=torch.bfloat16, device="cuda")
+            assert rel_err(m(x), model(x)) < 1e-2, n
+    stats = m.stats()
+    assert str(m.range_for(3)) == "[1,16]" and m.range_for(16) == m.range_for(3)
+    assert stats[m.range_for(3)]["matches"] == {"skinny_gemm": 2}
+    assert stats[m.range_for(100)]["matches"].get("skinny_gemm", 0) == 0

@@ -1,0 +1,77 @@
+"""The skinny-GEMM pass of the decode ranges, on CPU: its config keys, the range it asks for, which
+matmuls it takes (on fake CUDA values), and that it leaves everything else alone and says why. The
+kernel itself is tested against cuBLAS in tests/gpu/test_skinny_gemm.py."""
+
+import logging
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from rangedispatch import RangeCompiledModule, load_config
+from rangedispatch.errors import ConfigError
+from rangedispatch.gemm.skinny_gemm_op import block_m_for, unsupported
+from rangedispatch.gemm.skinny_gemm_pass import _operands
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.SiLU(), torch.nn.Linear(48, 16, bias=False))
+
+
+BASE = ["hardware=cpu", "fusion.enabled=false", "dispatch.max_num_tokens=64", "dispatch.split_points=[]",
+        "compile.max_autotune=never"]
+
+
+def test_bad_values_name_the_key_and_what_is_allowed():
+    with pytest.raises(ConfigError, match=r"compile.skinny_gemm='fast' is not allowed; expected one of never, tuned, "
+                                          r"always"):
+        load_config([*BASE, "compile.skinny_gemm=fast"])
+    with pytest.raises(ConfigError, match=r"hardware.skinny_gemm_max_tokens=-1 is not allowed"):
+        load_config([*BASE, "+hardware.skinny_gemm_max_tokens=-1"])
+
+
+def test_the_decode_range_gets_the_pass_and_cpu_matmuls_are_left_alone(caplog):
+    torch.manual_seed(0)
+    model = mlp()
+    m = RangeCompiledModule(model, load_config([*BASE, "+hardware.skinny_gemm_max_tokens=16"]))
+    with caplog.at_level(logging.INFO, logger="rangedispatch"), torch.no_grad():
+        for n in (3, 5, 16, 17, 40):
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(m(x), model(x))
+    assert [str(r) for r in m.ranges] == ["[1,16]", "[17,64]"]
+    assert "passes: [1,16] skinny_gemm" in caplog.text
+    assert caplog.text.count("skinny GEMM: matmuls left as they are: not CUDA (cpu)") == 1
+    stats = m.stats()
+    assert stats[m.range_for(5)]["matches"] == {"skinny_gemm": 0}
+    assert stats[m.range_for(40)]["passes"] == []
+
+
+@pytest.mark.parametrize("overrides", [["compile.skinny_gemm=never", "+hardware.skinny_gemm_max_tokens=16"], []],
+                         ids=["mode never", "no limit in the profile"])
+def test_off_means_no_pass_and_no_split_point(overrides):
+    m = RangeCompiledModule(mlp(), load_config([*BASE, *overrides]))
+    with torch.no_grad():
+        m(torch.randn(5, 16))
+    assert [str(r) for r in m.ranges] == ["[1,64]"]
+    assert m.stats()[m.range_for(5)]["passes"] == []
+
+
+def test_it_takes_the_matmuls_of_linear_layers_on_cuda_in_bf16_or_fp16():
+    with FakeTensorMode():
+        x = torch.empty(5, 64, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(32, 64, dtype=torch.bfloat16, device="cuda")
+        b = torch.empty(32, dtype=torch.bfloat16, device="cuda")
+        gm = make_fx(lambda x, w, b: torch.nn.functional.linear(x, w, b) + torch.nn.functional.linear(x, w))(x, w, b)
+        found = [ops for n in gm.graph.nodes if n.op == "call_function" and (ops := _operands(n)) is not None]
+        assert [(a.name, b_.target, bias.name if bias is not None else None) for a, b_, bias in found] == [
+            ("x_1", torch.ops.aten.t.default, "b_1"), ("x_1", torch.ops.aten.t.default, None)]
+        assert unsupported(x, w.t(), b) is None and unsupported(x.half(), w.t().half(), None) is None
+        assert unsupported(x.float(), w.t().float(), None) == \
+            "torch.float32 x torch.float32 (the kernel takes bf16 or fp16 on both sides)"
+        assert unsupported(x, torch.empty(64, 32, dtype=torch.bfloat16, device="cuda"), None).startswith(
+            "b has strides (32, 1)")
+    assert unsupported(torch.empty(5, 64), torch.empty(32, 64).t(), None) == "not CUDA (cpu)"
+
+
+def test_one_row_block_covers_the_range():
+    assert [block_m_for(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
