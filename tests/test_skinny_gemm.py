@@ -1,6 +1,6 @@
 """The skinny-GEMM pass of the decode ranges, on CPU: its config keys, the range it asks for, which
 matmuls it takes (on fake CUDA values), and that it leaves everything else alone and says why. The
-kernel itself is tested against cuBLAS in tests/gpu/test_skinny_gemm.py."""
+kernel itself is tested against cuBLAS in tests/gpu/test_skinny_gemm_kernel.py."""
 
 import logging
 
