@@ -75,3 +75,13 @@ def test_it_takes_the_matmuls_of_linear_layers_on_cuda_in_bf16_or_fp16():
 
 def test_one_row_block_covers_the_range():
     assert [block_m_for(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
+
+
+def test_the_bench_also_times_range_dispatch_without_it():
+    from rangedispatch.bench.suites import range_dispatch_variants
+
+    on = load_config([*BASE, "+hardware.skinny_gemm_max_tokens=16"])
+    variants = range_dispatch_variants(mlp(), on, 64, ())
+    assert list(variants) == ["range_dispatch", "range_dispatch_cublas"]
+    assert variants["range_dispatch_cublas"].config.compile.skinny_gemm == "never"
+    assert list(range_dispatch_variants(mlp(), load_config(BASE), 64, ())) == ["range_dispatch"]

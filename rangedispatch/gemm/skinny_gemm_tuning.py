@@ -32,6 +32,10 @@ def choose(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: b
     """The configuration for an ``[M, K] x [K, N]`` matmul at ``r``'s token counts, or None for
     cuBLAS. ``always``: the fastest candidate even where cuBLAS is faster."""
     key = (str(device), dtype, n, k, has_bias, r, always)
+    if key not in _chosen and torch.cuda.is_current_stream_capturing():
+        log.info("skinny GEMM %dx%d for %s tokens: cuBLAS kept (compiled during a CUDA-graph capture, where "
+                 "nothing can be timed)", n, k, r)
+        return None
     if key not in _chosen:
         _chosen[key] = _time_and_pick(device, dtype, n, k, has_bias, r, always)
     return _chosen[key]
