@@ -119,6 +119,13 @@ def _compile_fx(gm: torch.fx.GraphModule, inputs: list, symbolic: bool) -> Calla
         return compile_fx(gm_copy, inputs)
 
 
+def size_hints(shape_env: Any) -> dict:
+    """The shape environment's symbol -> size hint mapping (its attribute's name differs across torch
+    versions)."""
+    hints = getattr(shape_env, "backed_var_to_val", None)
+    return hints if hints is not None else shape_env.var_to_val
+
+
 @contextlib.contextmanager
 def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[list]:
     """While a range compiles, the token count's size hint is the range's end. Inductor picks kernel
@@ -132,8 +139,7 @@ def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[l
     if shape_env is None:
         yield []
         return
-    hints = getattr(shape_env, "backed_var_to_val", None)
-    hints = hints if hints is not None else shape_env.var_to_val
+    hints = size_hints(shape_env)
     saved = {s: hints[s] for s in symbols if s in hints}
     if len(symbols) == 1:
         (sym,) = symbols

@@ -3,6 +3,7 @@ matmuls it takes (on fake CUDA values), and that it leaves everything else alone
 kernel itself is tested against cuBLAS in tests/gpu/test_skinny_gemm_kernel.py."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -35,15 +36,35 @@ def test_the_decode_range_gets_the_pass_and_cpu_matmuls_are_left_alone(caplog):
     model = mlp()
     m = RangeCompiledModule(model, load_config([*BASE, "+hardware.skinny_gemm_max_tokens=16"]))
     with caplog.at_level(logging.INFO, logger="rangedispatch"), torch.no_grad():
-        for n in (3, 5, 16, 17, 40):
+        for n in (40, 3, 5, 16, 17):  # traced at 40: the [1,16] graph still sees rows of at most 16
             x = torch.randn(n, 16)
             torch.testing.assert_close(m(x), model(x))
     assert [str(r) for r in m.ranges] == ["[1,16]", "[17,64]"]
-    assert "passes: [1,16] skinny_gemm" in caplog.text
+    assert "passes: [1,16] skinny_gemm" in caplog.text and "more than the" not in caplog.text
     assert caplog.text.count("skinny GEMM: matmuls left as they are: not CUDA (cpu)") == 1
     stats = m.stats()
     assert stats[m.range_for(5)]["matches"] == {"skinny_gemm": 0}
     assert stats[m.range_for(40)]["passes"] == []
+
+
+class _FourRowsPerToken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(x.repeat(4, 1))
+
+
+def test_matmuls_whose_rows_are_not_the_token_count_are_left_alone(caplog):
+    model = _FourRowsPerToken()
+    m = RangeCompiledModule(model, load_config([*BASE, "+hardware.skinny_gemm_max_tokens=16"]))
+    with caplog.at_level(logging.INFO, logger="rangedispatch"), torch.no_grad():
+        for n in (3, 5):
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(m(x), model(x))
+    assert re.search(r"skinny GEMM: matmuls left as they are: 4\*s\d+ rows, more than the 16 tokens at the "
+                     r"range's end \(not the token count\)", caplog.text), caplog.text[-2000:]
 
 
 @pytest.mark.parametrize("overrides", [["compile.skinny_gemm=never", "+hardware.skinny_gemm_max_tokens=16"], []],

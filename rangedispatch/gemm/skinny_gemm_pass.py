@@ -4,8 +4,8 @@ becomes ``torch.ops.rangedispatch.skinny_mm`` where ``skinny_gemm_tuning`` found
 configuration faster than cuBLAS for its weight shape at that range's sizes.
 
 The pass asks for a split point at the token limit, so the decode sizes get a range of their own.
-Matmuls it cannot take (not CUDA, other dtypes or layouts, Triton missing) stay with cuBLAS, said
-once per reason.
+Matmuls it cannot take (not CUDA, other dtypes or layouts, rows that are not the token count, Triton
+missing) stay with cuBLAS, said once per reason.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class SkinnyGemm(GraphPass):
                 continue
             a, b, bias = ops
             va, vb = a.meta["val"], b.meta["val"]
-            reason = unsupported(va, vb, bias.meta["val"] if bias is not None else None) or _no_triton()
+            reason = (_rows_beyond(va.shape[0], r) or unsupported(va, vb, bias.meta["val"] if bias is not None else None)
+                      or _no_triton())
             if reason is not None:
                 self._say(f"skinny GEMM: matmuls left as they are: {reason}")
                 continue
@@ -92,6 +93,21 @@ class SkinnyGemm(GraphPass):
 
     def config_key(self) -> str:
         return f"v{source_digest(Path(__file__).parent)}|{self.max_tokens}|{self.mode}"
+
+
+def _rows_beyond(rows: "int | torch.SymInt", r: Range) -> Optional[str]:
+    """Why a matmul's rows are not the range's token count, or None. The tiles are timed for the
+    range's sizes; rows that exceed them (``4 * tokens``, a cache length) would run a tile shape timed
+    for something else. While a range compiles, the token count's size hint is the range's end."""
+    at_end: Optional[int] = rows if isinstance(rows, int) else None
+    if isinstance(rows, torch.SymInt):
+        from rangedispatch.graph_cache import size_hints
+
+        value = rows.node.expr.xreplace(size_hints(rows.node.shape_env))
+        at_end = int(value) if value.is_number else None
+    if at_end is not None and at_end <= r.end:
+        return None
+    return f"{rows} rows, more than the {r.end} tokens at the range's end (not the token count)"
 
 
 def _no_triton() -> Optional[str]:
