@@ -78,7 +78,7 @@ def _time_and_pick(device: torch.device, dtype: torch.dtype, n: int, k: int, has
             if always or all(t < b for t, b in zip(times, base)):
                 timed.append((sum(times), cfg))
     if not timed:
-        log.info("skinny GEMM %s for %s tokens: cuBLAS kept (no candidate faster at both %s)", shape, r,
+        log.info("skinny GEMM %s for %s tokens: cuBLAS kept (no candidate faster at %s rows)", shape, r,
                  " and ".join(str(a.shape[0]) for a in rows))
         return None
     total, best = min(timed)
