@@ -391,8 +391,8 @@ def _config_passes(cfg: RangeDispatchConfig) -> list[GraphPass]:
         from rangedispatch.fusion import build_fusion_passes
 
         passes += build_fusion_passes(cfg)
-    if cfg.compile.skinny_gemm != "never" and cfg.hardware.skinny_gemm_max_tokens:
+    if cfg.skinny_gemm_tokens:
         from rangedispatch.gemm.skinny_gemm_pass import SkinnyGemm
 
-        passes.append(SkinnyGemm(cfg.hardware.skinny_gemm_max_tokens, cfg.compile.skinny_gemm))
+        passes.append(SkinnyGemm(cfg.skinny_gemm_tokens, cfg.compile.skinny_gemm))
     return passes

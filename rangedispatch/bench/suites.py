@@ -116,16 +116,10 @@ def range_dispatch_variants(model: torch.nn.Module, cfg: RangeDispatchConfig, ma
     variants = {"range_dispatch": RangeCompiledModule(model, sized(()))}
     if compile_sizes:
         variants["range_dispatch_sizes"] = RangeCompiledModule(model, sized(compile_sizes))
-    if skinny_gemm_on(cfg):
+    if cfg.skinny_gemm_tokens:  # also timed without it, so that one run shows what the pass buys
         cublas = dataclasses.replace(cfg.compile, skinny_gemm="never")
         variants["range_dispatch_cublas"] = RangeCompiledModule(model, dataclasses.replace(sized(()), compile=cublas))
     return variants
-
-
-def skinny_gemm_on(cfg: RangeDispatchConfig) -> bool:
-    """Whether range dispatch runs the skinny GEMM somewhere; then it is also timed without it
-    (``range_dispatch_cublas``), so that one run shows what the pass buys."""
-    return cfg.compile.skinny_gemm != "never" and cfg.hardware.skinny_gemm_max_tokens > 0
 
 
 def _dispatch_facts(fn: RangeCompiledModule, n: int) -> dict:

@@ -40,7 +40,7 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     bench = bench.as_run()
     cuda = torch.cuda.is_available()
     op_variants = suites.OP_VARIANTS if cuda else suites.CPU_OP_VARIANTS
-    total, skinny = 0, suites.skinny_gemm_on(lib)
+    total, skinny = 0, bool(lib.skinny_gemm_tokens)
     if "op" in bench.levels:
         total += len(bench.op_hidden) * len(bench.fp8) * len(bench.op_tokens) * len(op_variants)
     if "model" in bench.levels:

@@ -296,6 +296,12 @@ class RangeDispatchConfig:
                 raise fail(name, getattr(self, name), f"a {cls.__name__}")
 
     @property
+    def skinny_gemm_tokens(self) -> int:
+        """The decode ranges the skinny GEMM runs in end at or below this; 0: it runs nowhere
+        (compile.skinny_gemm=never, or no limit in the hardware profile)."""
+        return 0 if self.compile.skinny_gemm == "never" else self.hardware.skinny_gemm_max_tokens
+
+    @property
     def compile_sizes(self) -> list[int]:
         """The single-size graphs: dispatch.compile_sizes and the hardware profile's (up to max_num_tokens)."""
         profile = [n for n in self.hardware.compile_sizes if n <= self.dispatch.max_num_tokens]

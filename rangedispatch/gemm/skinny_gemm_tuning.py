@@ -60,19 +60,18 @@ def _time_and_pick(device: torch.device, dtype: torch.dtype, n: int, k: int, has
             return do_bench_cudagraph(fn, rep=10, return_mode="median")
 
         base = [time_ms(lambda a=a: cublas(a)) for a in rows]
+        refs = [cublas(a).float() for a in rows]
         timed: list[tuple[float, TileConfig]] = []
         for cand in CANDIDATES:
             cfg = TileConfig(block_m_for(r.end), *cand)
             try:
-                for a in rows:
-                    ref = cublas(a).float()
-                    err = ((skinny_mm(a, weight.t(), bias, list(cfg)).float() - ref).norm() / ref.norm()).item()
-                    if not err <= _MAX_REL_ERROR:
-                        log.warning("skinny GEMM %s (%s): relative error %.1e against cuBLAS; not used", cfg,
-                                    shape, err)
-                        raise ValueError(err)
+                err = max(((skinny_mm(a, weight.t(), bias, list(cfg)).float() - ref).norm() / ref.norm()).item()
+                          for a, ref in zip(rows, refs))
+                if not err <= _MAX_REL_ERROR:
+                    log.warning("skinny GEMM %s (%s): relative error %.1e against cuBLAS; not used", cfg, shape, err)
+                    continue
                 times = [time_ms(lambda a=a, cfg=cfg: skinny_mm(a, weight.t(), bias, list(cfg))) for a in rows]
-            except Exception as e:  # a candidate that does not compile here (shared memory) or is wrong
+            except Exception as e:  # a candidate that does not compile here (shared memory)
                 log.debug("skinny GEMM %s (%s) skipped: %s", cfg, shape, e)
                 continue
             if always or all(t < b for t, b in zip(times, base)):
