@@ -47,6 +47,18 @@ def test_the_decode_range_gets_the_pass_and_cpu_matmuls_are_left_alone(caplog):
     assert stats[m.range_for(40)]["passes"] == []
 
 
+def test_each_tile_height_up_to_the_limit_gets_a_range_of_its_own(caplog):
+    torch.manual_seed(0)
+    model = mlp()
+    m = RangeCompiledModule(model, load_config([*BASE, "+hardware.skinny_gemm_max_tokens=40"]))
+    with caplog.at_level(logging.INFO, logger="rangedispatch"), torch.no_grad():
+        for n in (3, 20, 36, 50):
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(m(x), model(x))
+    assert [str(r) for r in m.ranges] == ["[1,16]", "[17,32]", "[33,40]", "[41,64]"]
+    assert "passes: [1,16] skinny_gemm, [17,32] skinny_gemm, [33,40] skinny_gemm" in caplog.text
+
+
 class _FourRowsPerToken(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -3,7 +3,9 @@ path never needs Triton).
 
 Each program computes one ``BLOCK_M x BLOCK_N`` tile of ``a @ b`` over one share of K (all of it
 without split-K), streaming ``b`` in ``BLOCK_K`` slices. With split-K the shares add up in an fp32
-buffer through atomics; the caller casts it.
+buffer through atomics; the caller casts it. The row blocks of one column tile are neighbours in
+the grid: they run together and read the same weight slices, which the second one finds in L2, so
+a weight is streamed from memory about once however many row blocks there are.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import triton.language as tl
 def _skinny_mm_kernel(a, b, bias, c, M, N, K, k_share, s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,7 +52,7 @@ def launch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], block
     if m == 0:
         return a.new_empty(0, n)
     k_share = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(k, k_share))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), triton.cdiv(k, k_share))
     if split_k == 1:
         out = torch.empty(m, n, dtype=a.dtype, device=a.device)
     else:

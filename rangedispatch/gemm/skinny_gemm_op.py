@@ -31,12 +31,16 @@ class TileConfig(NamedTuple):
 
 
 # (block_n, block_k, split_k, num_warps, num_stages): the configurations that came out best for
-# one rank's Llama weights at TP=2, hidden 4096 and 8192, 16 rows, on H200
-# (benchmarks/results/h200x1_2026-11-28/skinny_triton.txt); the split-K ones for short weights.
+# one rank's Llama weights at TP=2, hidden 4096 and 8192, at 16 and 32 rows, on H200
+# (benchmarks/results/h200x1_2026-11-28/skinny_gemm_sweep_16.txt, skinny_rows_32.txt); the split-K
+# ones for short weights.
 CANDIDATES: tuple[tuple[int, int, int, int, int], ...] = (
     (64, 128, 1, 4, 4),
     (64, 128, 1, 4, 6),
     (32, 128, 1, 4, 6),
+    (32, 256, 1, 4, 6),
+    (64, 256, 1, 4, 4),
+    (128, 128, 1, 4, 4),
     (64, 256, 1, 8, 4),
     (64, 512, 1, 4, 3),
     (32, 512, 1, 4, 4),

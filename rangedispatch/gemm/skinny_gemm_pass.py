@@ -3,7 +3,8 @@ matmul of a linear layer (``mm``/``addmm`` of the activations and a transposed `
 becomes ``torch.ops.rangedispatch.skinny_mm`` where ``skinny_gemm_tuning`` found a tile
 configuration faster than cuBLAS for its weight shape at that range's sizes.
 
-The pass asks for a split point at the token limit, so the decode sizes get a range of their own.
+The pass asks for split points at each tile height up to the token limit (16, 32, ... and the limit
+itself), so the decode sizes get ranges of their own, each timed with tiles as tall as its end.
 Matmuls it cannot take (not CUDA, other dtypes or layouts, rows that are not the token count, Triton
 missing) stay with cuBLAS, said once per reason.
 """
@@ -18,7 +19,7 @@ from typing import Optional
 import torch
 import torch.fx
 
-from rangedispatch.gemm.skinny_gemm_op import SKINNY_MM_OP, unsupported
+from rangedispatch.gemm.skinny_gemm_op import SKINNY_MM_OP, block_m_for, unsupported
 from rangedispatch.passes import GraphPass, source_digest
 from rangedispatch.ranges import Range
 
@@ -55,7 +56,13 @@ class SkinnyGemm(GraphPass):
         self._said: set[str] = set()
 
     def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        return [self.max_tokens]
+        """Where the tile height (``block_m_for``) changes, up to the limit: a range of 2-32 tokens
+        would otherwise run 32-row tiles at 2 rows and give up configurations that win at 16."""
+        points, height = [], block_m_for(1)
+        while height < self.max_tokens:
+            points.append(height)
+            height *= 2
+        return [*points, self.max_tokens]
 
     def applies(self, r: Range) -> bool:
         return r.end <= self.max_tokens
