@@ -39,11 +39,11 @@ def main(rows: int, out_path: str | None) -> None:
         for cand in GRID:
             cfg = list(TileConfig(block_m_for(rows), *cand))
             try:
-                err = ((skinny_mm(x, w.t(), None, cfg).float() - ref.float()).norm() / ref.float().norm()).item()
+                err = ((skinny_mm(x, [w.t()], [], cfg)[0].float() - ref.float()).norm() / ref.float().norm()).item()
             except Exception as e:  # a configuration this GPU cannot run (shared memory)
                 print(f"N={n} K={k} {TileConfig(*cfg)}: {type(e).__name__}", flush=True)
                 continue
-            us, _ = time_us(lambda: skinny_mm(x, w.t(), None, cfg), calls=10, replays=20)
+            us, _ = time_us(lambda: skinny_mm(x, [w.t()], [], cfg), calls=10, replays=20)
             timed.append((us, TileConfig(*cfg), err))
         timed.sort()
         best = "; ".join(f"{cfg} {us:.1f} us x{cublas / us:.3f} (err {err:.0e})" for us, cfg, err in timed[:5])

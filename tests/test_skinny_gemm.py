@@ -106,6 +106,34 @@ def test_it_takes_the_matmuls_of_linear_layers_on_cuda_in_bf16_or_fp16():
     assert unsupported(torch.empty(5, 64), torch.empty(32, 64).t(), None) == "not CUDA (cpu)"
 
 
+def test_matmuls_that_read_one_input_form_one_group():
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    from rangedispatch.gemm.skinny_gemm_op import SKINNY_MM_OP, TileConfig
+    from rangedispatch.gemm.skinny_gemm_pass import SkinnyGemm, _replace
+    from rangedispatch.ranges import Range
+
+    def qkv_and_out(x, wq, wk, wv, wo):
+        q, k, v = (torch.nn.functional.linear(x, w) for w in (wq, wk, wv))  # each reshapes x itself
+        return torch.nn.functional.linear(q * k * v, wo)
+
+    with FakeTensorMode():
+        bf16 = dict(dtype=torch.bfloat16, device="cuda")
+        args = [torch.empty(1, 5, 64, **bf16), *(torch.empty(32, 64, **bf16) for _ in range(3)),
+                torch.empty(64, 32, **bf16)]
+        gm = make_fx(qkv_and_out)(*args)
+    groups = SkinnyGemm(16)._groups(gm.graph, Range(1, 16))
+    views = [{m.a.name for m in group} for group in groups]
+    assert [len(group) for group in groups] == [3, 1] and len(views[0]) == 3, views
+    assert [m.b.args[0].name for m in groups[0]] == ["wq_1", "wk_1", "wv_1"]
+    # one op for the group, after the last weight it reads (traced after q's matmul)
+    _replace(gm.graph, groups[0], TileConfig(16, 64, 128, 1, 4, 3))
+    stable_topological_sort(gm.graph)
+    gm.graph.lint()
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(SKINNY_MM_OP) == 1 and targets.count(torch.ops.aten.mm.default) == 1
+
+
 def test_one_row_block_covers_the_range():
     assert [block_m_for(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
 

@@ -1,9 +1,11 @@
-"""``torch.ops.rangedispatch.skinny_mm``: ``a @ b (+ bias)`` through the Triton skinny GEMM.
+"""``torch.ops.rangedispatch.skinny_mm``: ``[a @ b (+ bias) for each b]`` in one launch of the
+Triton skinny GEMM.
 
-The op takes the matmul as Inductor's post-grad graph has it (``b`` is the ``[K, N]`` transposed
-view of a linear layer's ``[N, K]`` weight) plus one tile configuration, fixed when the pass picked
-it. Any M is correct (the grid covers all row blocks); the configuration was timed for the range's
-sizes. CUDA, bf16 and fp16 only: ``unsupported`` says why a matmul stays with cuBLAS.
+The op takes the matmuls that read one input as Inductor's post-grad graph has them (each ``b`` is
+the ``[K, N]`` transposed view of a linear layer's ``[N, K]`` weight; up to ``MAX_WEIGHTS`` of them)
+plus one tile configuration, fixed when the pass picked it. Any M is correct (the grid covers all row
+blocks); the configuration was timed for the range's sizes. CUDA, bf16 and fp16 only:
+``unsupported`` says why a matmul stays with cuBLAS.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import NamedTuple, Optional
 import torch
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+MAX_WEIGHTS = 4  # weights one launch takes
+_MAX_ELEMENTS = 2 ** 31 - 1  # the kernel's offsets are 32-bit
 
 
 class TileConfig(NamedTuple):
@@ -66,22 +70,26 @@ def unsupported(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) 
         return "a weight of symbolic shape"
     if b.stride(0) != 1:
         return f"b has strides {tuple(b.stride())} (the kernel streams a [N, K] row-major weight along K)"
+    if b.shape[1] * b.stride(1) > _MAX_ELEMENTS:
+        return f"a weight of {b.shape[1]} x {b.stride(1)} elements (the kernel's offsets are 32-bit)"
     if bias is not None and (bias.dim() != 1 or bias.dtype != a.dtype or bias.stride(0) != 1):
         return f"a bias of shape {tuple(bias.shape)}, {bias.dtype}"
     return None
 
 
 @torch.library.custom_op("rangedispatch::skinny_mm", mutates_args=())
-def skinny_mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], config: list[int]) -> torch.Tensor:
-    """``a @ b (+ bias)`` with the tile configuration ``config`` (a ``TileConfig`` as a list)."""
+def skinny_mm(a: torch.Tensor, bs: list[torch.Tensor], biases: list[torch.Tensor],
+              config: list[int]) -> list[torch.Tensor]:
+    """``[a @ b (+ bias) for each b]`` with the tile configuration ``config`` (a ``TileConfig`` as a
+    list); ``biases``: one per ``b``, or none."""
     from rangedispatch.gemm._skinny_gemm_triton import launch
 
-    return launch(a, b, bias, *TileConfig(*config))
+    return launch(a, bs, biases, *TileConfig(*config))
 
 
 @skinny_mm.register_fake
-def _(a, b, bias, config):
-    return a.new_empty(a.shape[0], b.shape[1])
+def _(a, bs, biases, config):
+    return [a.new_empty(a.shape[0], b.shape[1]) for b in bs]
 
 
 SKINNY_MM_OP = torch.ops.rangedispatch.skinny_mm.default

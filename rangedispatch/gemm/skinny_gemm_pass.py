@@ -1,7 +1,11 @@
-"""The skinny-GEMM pass: in ranges of at most ``hardware.skinny_gemm_max_tokens`` tokens, each
-matmul of a linear layer (``mm``/``addmm`` of the activations and a transposed ``[N, K]`` weight)
-becomes ``torch.ops.rangedispatch.skinny_mm`` where ``skinny_gemm_tuning`` found a tile
-configuration faster than cuBLAS for its weight shape at that range's sizes.
+"""The skinny-GEMM pass: in ranges of at most ``hardware.skinny_gemm_max_tokens`` tokens, the
+matmuls of linear layers (``mm``/``addmm`` of the activations and a transposed ``[N, K]`` weight)
+become ``torch.ops.rangedispatch.skinny_mm`` where ``skinny_gemm_tuning`` found a tile configuration
+faster than cuBLAS at that range's sizes.
+
+Matmuls that read the same input (q/k/v, gate/up: each linear layer reshapes that input on its own)
+are tried as one launch first; where no configuration beats cuBLAS for the group, each is tried
+alone.
 
 The pass asks for split points at each tile height up to the token limit (16, 32, ... and the limit
 itself), so the decode sizes get ranges of their own, each timed with tiles as tall as its end.
@@ -13,13 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import operator
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx
 
-from rangedispatch.gemm.skinny_gemm_op import SKINNY_MM_OP, block_m_for, unsupported
+from rangedispatch.gemm.skinny_gemm_op import MAX_WEIGHTS, SKINNY_MM_OP, TileConfig, block_m_for, unsupported
 from rangedispatch.passes import GraphPass, source_digest
 from rangedispatch.ranges import Range
 
@@ -27,6 +32,14 @@ log = logging.getLogger("rangedispatch")
 
 _MM = torch.ops.aten.mm.default
 _ADDMM = torch.ops.aten.addmm.default
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+class _Matmul(NamedTuple):
+    node: torch.fx.Node
+    a: torch.fx.Node
+    b: torch.fx.Node
+    bias: Optional[torch.fx.Node]
 
 
 def _operands(node: torch.fx.Node) -> Optional[tuple[torch.fx.Node, torch.fx.Node, Optional[torch.fx.Node]]]:
@@ -43,6 +56,14 @@ def _operands(node: torch.fx.Node) -> Optional[tuple[torch.fx.Node, torch.fx.Nod
                for x in (a, b, bias) if x is not None):
         return None
     return a, b, bias
+
+
+def _input_key(a: torch.fx.Node) -> tuple:
+    """What a matmul reads, seen through a view: two views of one tensor with the same shape are one
+    input."""
+    if a.op == "call_function" and a.target in _VIEWS:
+        return (a.args[0], tuple(a.args[1]))
+    return (a,)
 
 
 class SkinnyGemm(GraphPass):
@@ -68,30 +89,47 @@ class SkinnyGemm(GraphPass):
         return r.end <= self.max_tokens
 
     def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
-        from rangedispatch.gemm.skinny_gemm_tuning import choose
+        from torch._inductor.pattern_matcher import stable_topological_sort
 
-        replaced = 0
-        for node in list(graph.nodes):
+        launches = 0
+        groups = self._groups(graph, r)
+        if groups and not importlib.util.find_spec("triton"):
+            self._say("skinny GEMM: matmuls left as they are: Triton is not installed")
+            return 0
+        for group in groups:
+            for chunk in (group[i:i + MAX_WEIGHTS] for i in range(0, len(group), MAX_WEIGHTS)):
+                if (cfg := self._choose(chunk, r)) is not None:
+                    launches += _replace(graph, chunk, cfg)
+                elif len(chunk) > 1:  # no launch of the whole group beats cuBLAS: each matmul alone
+                    for matmul in chunk:
+                        if (cfg := self._choose([matmul], r)) is not None:
+                            launches += _replace(graph, [matmul], cfg)
+        if launches:
+            stable_topological_sort(graph)  # a group's op needs every member's weight before it
+        return launches
+
+    def _groups(self, graph: torch.fx.Graph, r: Range) -> list[list[_Matmul]]:
+        """The matmuls the op can take, grouped by the input they read (and bias or not)."""
+        groups: dict[tuple, list[_Matmul]] = {}
+        for node in graph.nodes:
             if node.op != "call_function" or (ops := _operands(node)) is None:
                 continue
             a, b, bias = ops
             va, vb = a.meta["val"], b.meta["val"]
-            reason = (_rows_beyond(va.shape[0], r) or unsupported(va, vb, bias.meta["val"] if bias is not None else None)
-                      or _no_triton())
+            reason = _rows_beyond(va.shape[0], r) or unsupported(va, vb, bias.meta["val"] if bias is not None else None)
             if reason is not None:
                 self._say(f"skinny GEMM: matmuls left as they are: {reason}")
                 continue
-            n, k = int(vb.shape[1]), int(vb.shape[0])
-            cfg = choose(va.device, va.dtype, n, k, bias is not None, r, always=self.mode == "always")
-            if cfg is None:
-                continue
-            with graph.inserting_before(node):
-                new = graph.call_function(SKINNY_MM_OP, (a, b, bias, list(cfg)))
-            new.meta["val"] = node.meta["val"]
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            replaced += 1
-        return replaced
+            groups.setdefault((_input_key(a), bias is not None), []).append(_Matmul(node, a, b, bias))
+        return list(groups.values())
+
+    def _choose(self, matmuls: list[_Matmul], r: Range) -> Optional[TileConfig]:
+        from rangedispatch.gemm.skinny_gemm_tuning import choose
+
+        va, vb = matmuls[0].a.meta["val"], matmuls[0].b.meta["val"]
+        ns = tuple(int(m.b.meta["val"].shape[1]) for m in matmuls)
+        return choose(va.device, va.dtype, ns, int(vb.shape[0]), matmuls[0].bias is not None, r,
+                      always=self.mode == "always")
 
     def _say(self, message: str) -> None:
         if message not in self._said:
@@ -100,6 +138,23 @@ class SkinnyGemm(GraphPass):
 
     def config_key(self) -> str:
         return f"v{source_digest(Path(__file__).parent)}|{self.max_tokens}|{self.mode}"
+
+
+def _replace(graph: torch.fx.Graph, matmuls: list[_Matmul], cfg: TileConfig) -> int:
+    """One ``skinny_mm`` for ``matmuls`` (which read one input); each one's users read its item.
+    Returns 1: a match is one launch, as ``output_ops`` counts them in the generated code."""
+    first = matmuls[0]
+    biases = [m.bias for m in matmuls] if first.bias is not None else []
+    with graph.inserting_before(first.node):
+        op = graph.call_function(SKINNY_MM_OP, (first.a, [m.b for m in matmuls], biases, list(cfg)))
+        op.meta["val"] = [m.node.meta["val"] for m in matmuls]
+        for i, m in enumerate(matmuls):
+            item = graph.call_function(operator.getitem, (op, i))
+            item.meta["val"] = m.node.meta["val"]
+            m.node.replace_all_uses_with(item)
+    for m in matmuls:
+        graph.erase_node(m.node)
+    return 1
 
 
 def _rows_beyond(rows: "int | torch.SymInt", r: Range) -> Optional[str]:
@@ -115,7 +170,3 @@ def _rows_beyond(rows: "int | torch.SymInt", r: Range) -> Optional[str]:
     if at_end is not None and at_end <= r.end:
         return None
     return f"{rows} rows, more than the {r.end} tokens at the range's end (not the token count)"
-
-
-def _no_triton() -> Optional[str]:
-    return None if importlib.util.find_spec("triton") else "Triton is not installed"

@@ -18,33 +18,40 @@ def rel_err(a, b):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("split_k", [1, 4])
-def test_skinny_mm_equals_cublas_for_any_row_count(dtype, bias, split_k):
+@pytest.mark.parametrize("ns", [(1000,), (1000, 200, 1), (512, 64, 64, 300)], ids=["1 weight", "3", "4"])
+def test_skinny_mm_equals_cublas_for_any_row_count(dtype, bias, split_k, ns):
     from rangedispatch.gemm.skinny_gemm_op import TileConfig, skinny_mm
 
     torch.manual_seed(0)
-    n, k = 1000, 1064  # neither a multiple of the tiles
-    w = torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5
-    b = torch.randn(n, dtype=dtype, device="cuda") if bias else None
+    k = 1064  # not a multiple of the tiles, nor are most N
+    ws = [torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5 for n in ns]
+    bs = [torch.randn(n, dtype=dtype, device="cuda") for n in ns] if bias else []
     cfg = TileConfig(16, 64, 128, split_k, 4, 3)
     for m in (1, 5, 16, 40):  # 40: more rows than one block holds
         a = torch.randn(m, k, dtype=dtype, device="cuda")
-        ref = torch.addmm(b, a, w.t()) if bias else a @ w.t()
-        out = skinny_mm(a, w.t(), b, list(cfg))
-        assert out.dtype == dtype and out.shape == (m, n)
-        assert rel_err(out, ref) < 1e-2, (m, rel_err(out, ref))
+        outs = skinny_mm(a, [w.t() for w in ws], bs, list(cfg))
+        for i, (w, out) in enumerate(zip(ws, outs)):
+            ref = torch.addmm(bs[i], a, w.t()) if bias else a @ w.t()
+            assert out.dtype == dtype and out.shape == (m, ns[i])
+            assert rel_err(out, ref) < 1e-2, (m, i, rel_err(out, ref))
 
 
 class _MLP(torch.nn.Module):
+    """gate/up read one input (one launch), down reads another."""
+
     def __init__(self, hidden=512, inter=1536):
         super().__init__()
-        self.up = torch.nn.Linear(hidden, inter, bias=True)
-        self.down = torch.nn.Linear(inter, hidden, bias=False)
+        self.gate = torch.nn.Linear(hidden, inter, bias=False)
+        self.up = torch.nn.Linear(hidden, inter, bias=False)
+        self.down = torch.nn.Linear(inter, hidden, bias=True)
 
     def forward(self, x):
-        return self.down(torch.nn.functional.silu(self.up(x)))
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
 
 
-def test_the_pass_replaces_the_matmuls_of_the_decode_range_only():
+def test_the_pass_replaces_the_matmuls_of_the_decode_range_only(caplog):
+    import logging
+
     from rangedispatch import RangeCompiledModule, load_config
 
     torch.manual_seed(0)
@@ -52,11 +59,13 @@ def test_the_pass_replaces_the_matmuls_of_the_decode_range_only():
     cfg = load_config(["hardware=h200", "hardware.skinny_gemm_max_tokens=16", "compile.skinny_gemm=always",
                        "dispatch.max_num_tokens=256", "dispatch.split_points=[]", "hardware.compile_sizes=[]"])
     m = RangeCompiledModule(model, cfg)
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="rangedispatch"):
         for n in (3, 16, 17, 100):
             x = torch.randn(n, 512, dtype=torch.bfloat16, device="cuda")
             assert rel_err(m(x), model(x)) < 1e-2, n
     stats = m.stats()
     assert str(m.range_for(3)) == "[1,16]" and m.range_for(16) == m.range_for(3)
-    assert stats[m.range_for(3)]["matches"] == {"skinny_gemm": 2}
+    assert stats[m.range_for(3)]["matches"] == {"skinny_gemm": 2}  # launches: gate+up, down
     assert stats[m.range_for(100)]["matches"].get("skinny_gemm", 0) == 0
+    assert "skinny GEMM 1536+1536x512 bfloat16 for [1,16] tokens: 16x" in caplog.text  # gate/up: one launch
+    assert "skinny GEMM 512x1536 bfloat16 +bias for [1,16] tokens: 16x" in caplog.text
