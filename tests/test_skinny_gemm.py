@@ -134,6 +134,21 @@ def test_matmuls_that_read_one_input_form_one_group():
     assert targets.count(SKINNY_MM_OP) == 1 and targets.count(torch.ops.aten.mm.default) == 1
 
 
+def test_a_matmul_whose_weight_the_graph_computes_stays_alone():
+    from rangedispatch.gemm.skinny_gemm_pass import SkinnyGemm
+    from rangedispatch.ranges import Range
+
+    def scores(x, w):
+        y = torch.nn.functional.linear(x, w)
+        return x @ y.t()  # reads x too, but its "weight" is the first matmul's output
+
+    with FakeTensorMode():
+        bf16 = dict(dtype=torch.bfloat16, device="cuda")
+        gm = make_fx(scores)(torch.empty(5, 64, **bf16), torch.empty(64, 64, **bf16))
+    groups = SkinnyGemm(16)._groups(gm.graph, Range(1, 16))
+    assert [len(group) for group in groups] == [1, 1]
+
+
 def test_one_row_block_covers_the_range():
     assert [block_m_for(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
 

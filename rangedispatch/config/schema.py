@@ -118,10 +118,10 @@ class CompileConfig:
     # default: on H200 the templates it picked made 32- and 128-token Llama graphs slower than cuBLAS.
     max_autotune_gemm: bool = False
     # In the ranges up to the hardware profile's skinny_gemm_max_tokens (CUDA, bf16/fp16), replace
-    # each linear layer's matmul by a Triton skinny GEMM: "tuned" where timing it against cuBLAS at
-    # compile time (both ends of the range, in CUDA graphs) finds it 2% faster, "always" wherever it
-    # can run (for testing it; it may be slower), "never" keeps cuBLAS. Tuning adds seconds of
-    # compile time per weight shape and range.
+    # linear layers' matmuls by a Triton skinny GEMM, one launch for those that read one input:
+    # "tuned" where timing it against cuBLAS at compile time (both ends of the range, in CUDA graphs)
+    # finds it 2% faster, "always" wherever it can run (for testing it; it may be slower), "never"
+    # keeps cuBLAS. Tuning adds seconds of compile time per group of weight shapes and range.
     skinny_gemm: str = "tuned"
 
     def __post_init__(self) -> None:
@@ -228,7 +228,8 @@ class HardwareConfig:
     # Added to dispatch.compile_sizes; those above dispatch.max_num_tokens are not used.
     compile_sizes: list[int] = field(default_factory=list)
     # The decode ranges: ranges ending at or below this many tokens get the skinny-GEMM pass
-    # (compile.skinny_gemm), and this count becomes a split point. 0: no such ranges.
+    # (compile.skinny_gemm); this count and each tile height below it (16, 32, ...) become split
+    # points. 0: no such ranges.
     skinny_gemm_max_tokens: int = 0
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ log = logging.getLogger("rangedispatch")
 _MM = torch.ops.aten.mm.default
 _ADDMM = torch.ops.aten.addmm.default
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+_WEIGHT_VIEWS = (*_VIEWS, torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 
 class _Matmul(NamedTuple):
@@ -64,6 +65,14 @@ def _input_key(a: torch.fx.Node) -> tuple:
     if a.op == "call_function" and a.target in _VIEWS:
         return (a.args[0], tuple(a.args[1]))
     return (a,)
+
+
+def _graph_input(node: Optional[torch.fx.Node]) -> bool:
+    """Whether ``node`` is an input of the graph (a weight, a bias) or a view of one. Only such
+    operands go into a group: one computed in the graph could depend on another member's output."""
+    while node is not None and node.op == "call_function" and node.target in _WEIGHT_VIEWS:
+        node = node.args[0]
+    return node is None or node.op in ("placeholder", "get_attr")
 
 
 class SkinnyGemm(GraphPass):
@@ -109,7 +118,8 @@ class SkinnyGemm(GraphPass):
         return launches
 
     def _groups(self, graph: torch.fx.Graph, r: Range) -> list[list[_Matmul]]:
-        """The matmuls the op can take, grouped by the input they read (and bias or not)."""
+        """The matmuls the op can take, grouped by the input they read (and bias or not); a matmul
+        whose weight or bias the graph computes stays alone."""
         groups: dict[tuple, list[_Matmul]] = {}
         for node in graph.nodes:
             if node.op != "call_function" or (ops := _operands(node)) is None:
@@ -120,7 +130,8 @@ class SkinnyGemm(GraphPass):
             if reason is not None:
                 self._say(f"skinny GEMM: matmuls left as they are: {reason}")
                 continue
-            groups.setdefault((_input_key(a), bias is not None), []).append(_Matmul(node, a, b, bias))
+            key = (_input_key(a), bias is not None) if _graph_input(b) and _graph_input(bias) else (node,)
+            groups.setdefault(key, []).append(_Matmul(node, a, b, bias))
         return list(groups.values())
 
     def _choose(self, matmuls: list[_Matmul], r: Range) -> Optional[TileConfig]:
