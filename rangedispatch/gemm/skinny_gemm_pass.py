@@ -4,8 +4,8 @@ become ``torch.ops.rangedispatch.skinny_mm`` where ``skinny_gemm_tuning`` found 
 faster than cuBLAS at that range's sizes.
 
 Matmuls that read the same input (q/k/v, gate/up: each linear layer reshapes that input on its own)
-are tried as one launch first; where no configuration beats cuBLAS for the group, each is tried
-alone.
+and whose weights are inputs of the graph are tried as one launch first; where no configuration
+beats cuBLAS for the group, each is tried alone.
 
 The pass asks for split points at each tile height up to the token limit (16, 32, ... and the limit
 itself), so the decode sizes get ranges of their own, each timed with tiles as tall as its end.
