@@ -69,3 +69,25 @@ def test_the_pass_replaces_the_matmuls_of_the_decode_range_only(caplog):
     assert stats[m.range_for(100)]["matches"].get("skinny_gemm", 0) == 0
     assert "skinny GEMM 1536+1536x512 bfloat16 for [1,16] tokens: 16x" in caplog.text  # gate/up: one launch
     assert "skinny GEMM 512x1536 bfloat16 +bias for [1,16] tokens: 16x" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_hf_models_in_the_decode_ranges_equal_eager(family):
+    """Llama and Gemma2 (q/k/v, gate/up: groups), Qwen2 (biased q/k/v: addmm groups), Phi3 (fused
+    qkv and gate_up projections: one weight per input), bf16, first call at 1 token."""
+    pytest.importorskip("transformers")
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.bench.hf_models import build
+
+    model = build(family, 256, 512, dtype=torch.bfloat16, device="cuda")
+    cfg = load_config(["hardware=h200", "hardware.skinny_gemm_max_tokens=32", "compile.skinny_gemm=always",
+                       "dispatch.max_num_tokens=64", "dispatch.split_points=[]"])
+    m = RangeCompiledModule(model, cfg)
+    with torch.no_grad():
+        for seq in (1, 5, 20):
+            ids = torch.randint(1, 128, (1, seq), device="cuda")
+            got = m(input_ids=ids, use_cache=False).last_hidden_state
+            assert rel_err(got, model(input_ids=ids, use_cache=False).last_hidden_state) < 3e-2, seq
+    launches = {str(r): s["matches"].get("skinny_gemm", 0) for r, s in m.stats().items() if s["calls"]}
+    # per layer: q/k/v (one group, or Phi3's qkv_proj), o, gate/up (one group, or gate_up_proj), down
+    assert launches["[1,16]"] == launches["[17,32]"] == 2 * 4, launches
