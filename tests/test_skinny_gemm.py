@@ -103,6 +103,8 @@ def test_it_takes_the_matmuls_of_linear_layers_on_cuda_in_bf16_or_fp16():
             "torch.float32 x torch.float32 (the kernel takes bf16 or fp16 on both sides)"
         assert unsupported(x, torch.empty(64, 32, dtype=torch.bfloat16, device="cuda"), None).startswith(
             "b has strides (32, 1)")
+        huge = torch.empty(2 ** 25, 64, dtype=torch.bfloat16, device="cuda")  # 2^31 elements
+        assert unsupported(x, huge.t(), None) == "a weight of 33554432 x 64 elements (the kernel's offsets are 32-bit)"
     assert unsupported(torch.empty(5, 64), torch.empty(32, 64).t(), None) == "not CUDA (cpu)"
 
 
