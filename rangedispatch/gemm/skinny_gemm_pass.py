@@ -108,14 +108,16 @@ class SkinnyGemm(GraphPass):
         for group in groups:
             for chunk in (group[i:i + MAX_WEIGHTS] for i in range(0, len(group), MAX_WEIGHTS)):
                 if (cfg := self._choose(chunk, r)) is not None:
-                    launches += _replace(graph, chunk, cfg)
+                    _replace(graph, chunk, cfg)
+                    launches += 1
                 elif len(chunk) > 1:  # no launch of the whole group beats cuBLAS: each matmul alone
                     for matmul in chunk:
                         if (cfg := self._choose([matmul], r)) is not None:
-                            launches += _replace(graph, [matmul], cfg)
+                            _replace(graph, [matmul], cfg)
+                            launches += 1
         if launches:
             stable_topological_sort(graph)  # a group's op needs every member's weight before it
-        return launches
+        return launches  # matches are launches, as output_ops counts them in the generated code
 
     def _groups(self, graph: torch.fx.Graph, r: Range) -> list[list[_Matmul]]:
         """The matmuls the op can take, grouped by the input they read (and bias or not); a matmul
@@ -151,9 +153,8 @@ class SkinnyGemm(GraphPass):
         return f"v{source_digest(Path(__file__).parent)}|{self.max_tokens}|{self.mode}"
 
 
-def _replace(graph: torch.fx.Graph, matmuls: list[_Matmul], cfg: TileConfig) -> int:
-    """One ``skinny_mm`` for ``matmuls`` (which read one input); each one's users read its item.
-    Returns 1: a match is one launch, as ``output_ops`` counts them in the generated code."""
+def _replace(graph: torch.fx.Graph, matmuls: list[_Matmul], cfg: TileConfig) -> None:
+    """One ``skinny_mm`` for ``matmuls`` (which read one input); each one's users read its item."""
     first = matmuls[0]
     biases = [m.bias for m in matmuls] if first.bias is not None else []
     with graph.inserting_before(first.node):
@@ -165,7 +166,6 @@ def _replace(graph: torch.fx.Graph, matmuls: list[_Matmul], cfg: TileConfig) -> 
             m.node.replace_all_uses_with(item)
     for m in matmuls:
         graph.erase_node(m.node)
-    return 1
 
 
 def _rows_beyond(rows: "int | torch.SymInt", r: Range) -> Optional[str]:
