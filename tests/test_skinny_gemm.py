@@ -151,8 +151,8 @@ def test_a_matmul_whose_weight_the_graph_computes_stays_alone():
     assert [len(group) for group in groups] == [1, 1]
 
 
-def test_one_row_block_covers_the_range():
-    assert [block_m_for(n) for n in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 64]
+def test_one_row_block_covers_the_range_up_to_64_rows():
+    assert [block_m_for(n) for n in (1, 16, 17, 32, 33, 64, 65, 128)] == [16, 16, 32, 32, 64, 64, 64, 64]
 
 
 def test_the_bench_also_times_range_dispatch_without_it():

@@ -228,8 +228,8 @@ class HardwareConfig:
     # Added to dispatch.compile_sizes; those above dispatch.max_num_tokens are not used.
     compile_sizes: list[int] = field(default_factory=list)
     # The decode ranges: ranges ending at or below this many tokens get the skinny-GEMM pass
-    # (compile.skinny_gemm); this count and each tile height below it (16, 32, ...) become split
-    # points. 0: no such ranges.
+    # (compile.skinny_gemm); this count and each power of two from 16 below it (16, 32, 64, ...)
+    # become split points. 0: no such ranges.
     skinny_gemm_max_tokens: int = 0
 
     def __post_init__(self) -> None:

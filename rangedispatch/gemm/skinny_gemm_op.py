@@ -53,9 +53,13 @@ CANDIDATES: tuple[tuple[int, int, int, int, int], ...] = (
 )
 
 
+MAX_BLOCK_M = 64  # more rows run as more row blocks, next to each other on the grid
+
+
 def block_m_for(max_rows: int) -> int:
-    """One row block covers up to ``max_rows`` rows (a power of two, at least 16)."""
-    return max(16, 1 << (max(1, max_rows) - 1).bit_length())
+    """The row block for up to ``max_rows`` rows: the power of two that covers them, from 16 to
+    ``MAX_BLOCK_M``."""
+    return min(MAX_BLOCK_M, max(16, 1 << (max(1, max_rows) - 1).bit_length()))
 
 
 def unsupported(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[str]:

@@ -7,8 +7,9 @@ Matmuls that read the same input (q/k/v, gate/up: each linear layer reshapes tha
 and whose weights are inputs of the graph are tried as one launch first; where no configuration
 beats cuBLAS for the group, each is tried alone.
 
-The pass asks for split points at each tile height up to the token limit (16, 32, ... and the limit
-itself), so the decode sizes get ranges of their own, each timed with tiles as tall as its end.
+The pass asks for split points at each power of two from 16 up to the token limit (and the limit
+itself), so the decode sizes get ranges of their own, each timed at its own ends: with tiles as tall
+as its end up to 64 rows, with row blocks of 64 beyond.
 Matmuls it cannot take (not CUDA, other dtypes or layouts, rows that are not the token count, Triton
 missing) stay with cuBLAS, said once per reason.
 """
@@ -86,8 +87,8 @@ class SkinnyGemm(GraphPass):
         self._said: set[str] = set()
 
     def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        """Where the tile height (``block_m_for``) changes, up to the limit: a range of 2-32 tokens
-        would otherwise run 32-row tiles at 2 rows and give up configurations that win at 16."""
+        """Powers of two from the smallest tile height up to the limit: a range of 2-32 tokens would
+        otherwise run 32-row tiles at 2 rows and give up configurations that win at 16."""
         points, height = [], block_m_for(1)
         while height < self.max_tokens:
             points.append(height)

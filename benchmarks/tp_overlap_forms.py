@@ -1,0 +1,183 @@
+"""Large-range TP collectives: which way of overlapping them with the matmuls pays, and how much there
+is to win at all.
+
+Two layers of a Llama MLP (gate and up projections, SiLU, down projection, all-reduce, residual add,
+RMSNorm; bf16, one rank's 1/world of the intermediate size), timed in CUDA graphs on every rank, in
+these forms:
+
+- ``matmuls_only``: the matmuls and the SiLU, no communication (the floor);
+- ``nccl``: NCCL all-reduce after the down projection (what torch.compile runs);
+- ``nccl_sequence_parallel``: NCCL reduce-scatter, the add and norm on this rank's tokens, NCCL
+  all-gather before the next gate/up;
+- ``torch_symm_mem``: PyTorch's ``fused_all_gather_matmul`` / ``fused_matmul_reduce_scatter``
+  (one matmul per rank's block, the blocks moved by the copy engines; what the async-TP tier runs);
+- ``two_stage``: the same data movement in two matmuls per op instead of one per rank: the own block
+  while a side stream pulls the others, then the other blocks (at most two contiguous runs).
+
+Every form's output is checked against ``nccl``'s. Results: ``benchmarks/results/h200x4.md``.
+
+    python benchmarks/tp_overlap_forms.py WORLD TOKENS[,TOKENS...] OUT.json    # WORLD CUDA GPUs
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rangedispatch.bench.timing import time_us
+from rangedispatch.cli.launch import spawn_ranks
+
+HIDDEN, INTERMEDIATE, LAYERS = 8192, 28672, 2
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, 1e-6)
+
+
+class TwoStage:
+    """All-gather + matmul and matmul + reduce-scatter in two stages over the symmetric workspace."""
+
+    def __init__(self, group_name: str, rank: int, world: int, tokens: int):
+        from torch.distributed._symmetric_memory import get_symm_mem_workspace
+
+        self.rank, self.world, self.block = rank, world, tokens // world
+        # as large as the torch_symm_mem form asks (two blocks), so that neither reallocates it
+        self.workspace = get_symm_mem_workspace(group_name, min_size=max(2, world - 1) * self.block * HIDDEN * 2)
+        self.side = torch.cuda.Stream()
+        self.own = slice(rank * self.block, (rank + 1) * self.block)
+        self.others = [s for s in (slice(0, rank * self.block), slice((rank + 1) * self.block, tokens))
+                       if s.start < s.stop]
+
+    def _pull(self, copies):
+        """Run ``copies`` on the side stream, after what the current stream queued so far."""
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            for dst, src in copies:
+                dst.copy_(src)
+
+    def all_gather_matmul(self, shard: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        ws, block = self.workspace, self.block
+        ws.get_buffer(self.rank, shard.shape, shard.dtype, 0).copy_(shard)
+        ws.barrier(channel=0)
+        full = shard.new_empty((self.world * block, shard.shape[1]))
+        products = [shard.new_empty((full.shape[0], w.shape[1])) for w in weights]
+        self._pull([(full[p * block:(p + 1) * block], ws.get_buffer(p, shard.shape, shard.dtype, 0))
+                    for p in range(self.world) if p != self.rank])
+        for w, out in zip(weights, products):
+            torch.mm(shard, w, out=out[self.own])
+        torch.cuda.current_stream().wait_stream(self.side)
+        for rows in self.others:
+            for w, out in zip(weights, products):
+                torch.mm(full[rows], w, out=out[rows])
+        ws.barrier(channel=1)
+        return products
+
+    def matmul_reduce_scatter(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ws, block, n = self.workspace, self.block, w.shape[1]
+        shape = ((self.world - 1) * block, n)  # the other ranks' blocks, without this rank's
+        partials = ws.get_buffer(self.rank, shape, a.dtype, 0)
+        for rows in self.others:
+            start = rows.start if rows.start == 0 else rows.start - block
+            torch.mm(a[rows], w, out=partials[start:start + rows.stop - rows.start])
+        ws.barrier(channel=0)
+        received = a.new_empty((self.world, block, n))
+        at = [(self.rank if self.rank < p else self.rank - 1) * block for p in range(self.world)]
+        self._pull([(received[p], ws.get_buffer(p, shape, a.dtype, 0)[at[p]:at[p] + block])
+                    for p in range(self.world) if p != self.rank])
+        torch.mm(a[self.own], w, out=received[self.rank])
+        torch.cuda.current_stream().wait_stream(self.side)
+        out = received.sum(0)
+        ws.barrier(channel=1)
+        return out
+
+
+def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
+    group_name = dist.group.WORLD.group_name
+    symm_mem = torch.ops.symm_mem
+    inter = INTERMEDIATE // world
+    cuda_bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    gate, up = (torch.randn(HIDDEN, inter, **cuda_bf16) / HIDDEN ** 0.5 for _ in range(2))
+    down = torch.randn(inter, HIDDEN, **cuda_bf16) / inter ** 0.5
+    norm_weight = torch.ones(HIDDEN, **cuda_bf16)
+    rows = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, HIDDEN, **cuda_bf16)
+        own = slice(rank * tokens // world, (rank + 1) * tokens // world)
+        two_stage = TwoStage(group_name, rank, world, tokens)
+
+        def matmuls_only():
+            h = x
+            for _ in range(LAYERS):
+                h = (F.silu(h @ gate) * (h @ up)) @ down
+            return h
+
+        def nccl():
+            h = residual = x
+            for _ in range(LAYERS):
+                y = (F.silu(h @ gate) * (h @ up)) @ down
+                dist.all_reduce(y)
+                residual = y + residual
+                h = rms_norm(residual, norm_weight)
+            return h[own]
+
+        def nccl_sequence_parallel():
+            h = residual = x[own]
+            for _ in range(LAYERS):
+                full = h.new_empty((tokens, HIDDEN))
+                dist.all_gather_into_tensor(full, h.contiguous())
+                y = (F.silu(full @ gate) * (full @ up)) @ down
+                block = h.new_empty(h.shape)
+                dist.reduce_scatter_tensor(block, y)
+                residual = block + residual
+                h = rms_norm(residual, norm_weight)
+            return h
+
+        def torch_symm_mem():
+            h = residual = x[own].contiguous()
+            for _ in range(LAYERS):
+                _, (g, u) = symm_mem.fused_all_gather_matmul(h, [gate, up], 0, group_name, return_A=True)
+                residual = symm_mem.fused_matmul_reduce_scatter(F.silu(g) * u, down, "sum", 0, group_name) + residual
+                h = rms_norm(residual, norm_weight)
+            return h
+
+        def two_stage_form():
+            h = residual = x[own].contiguous()
+            for _ in range(LAYERS):
+                g, u = two_stage.all_gather_matmul(h, [gate, up])
+                residual = two_stage.matmul_reduce_scatter(F.silu(g) * u, down) + residual
+                h = rms_norm(residual, norm_weight)
+            return h
+
+        forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_sequence_parallel": nccl_sequence_parallel,
+                 "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form}
+        want = nccl().float()
+        for name, form in forms.items():
+            err = None
+            if name != "matmuls_only":
+                got = form().float()
+                err = ((got - want).norm() / want.norm()).item()
+            us, method = time_us(form, calls=5, replays=10)
+            rows.append(dict(tokens=tokens, form=name, us=round(us, 1), rel_err_vs_nccl=err, timing=method))
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3:
+        raise SystemExit(__doc__.rsplit("\n\n", 1)[-1].strip())
+    world, token_counts, out = int(argv[0]), [int(t) for t in argv[1].split(",")], argv[2]
+    rows = spawn_ranks(_rank, world, token_counts, backend="nccl")[0]
+    nccl = {r["tokens"]: r["us"] for r in rows if r["form"] == "nccl"}
+    for r in rows:
+        r["speedup_vs_nccl"] = round(nccl[r["tokens"]] / r["us"], 3)
+        print(r)
+    with open(out, "w") as f:
+        json.dump(dict(gpu=torch.cuda.get_device_name(), world=world, torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
