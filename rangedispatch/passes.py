@@ -15,10 +15,15 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
+import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from rangedispatch.ranges import Range
+
+# The reshapes a post-grad graph puts between a tensor and its readers (a linear layer flattens its
+# input to 2-D on its own): passes that ask "is this the same tensor" look through them.
+RESHAPE_OPS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
 class GraphPass:

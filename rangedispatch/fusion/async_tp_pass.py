@@ -28,12 +28,12 @@ from rangedispatch.fusion.matcher import is_call
 from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, SP_REDUCE_SCATTER
 from rangedispatch.fusion.tier_plan import TierPass, TierPlan
+from rangedispatch.passes import RESHAPE_OPS
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
 
 aten = torch.ops.aten
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 class AsyncTensorParallel(TierPass):
@@ -83,7 +83,7 @@ class AsyncTensorParallel(TierPass):
             graph.erase_node(matmul)
         gather.replace_all_uses_with(whole)
         graph.erase_node(gather)
-        for view in [u for u in whole.users if is_call(u, *_VIEWS) and not u.users]:
+        for view in [u for u in whole.users if is_call(u, *RESHAPE_OPS) and not u.users]:
             graph.erase_node(view)
         return 1
 
@@ -112,7 +112,7 @@ def _whole_matmuls(gather: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.
     """``(matmul, weight, bias)`` for each matmul reading the whole gathered tensor as 2-D tokens."""
     hidden = gather.args[2][-1]
     flats = [gather] if len(gather.args[2]) == 2 else []
-    flats += [u for u in gather.users if is_call(u, *_VIEWS) and u.meta["val"].dim() == 2
+    flats += [u for u in gather.users if is_call(u, *RESHAPE_OPS) and u.meta["val"].dim() == 2
               and u.meta["val"].shape[-1] == hidden]
     found = []
     for flat in flats:
@@ -128,7 +128,7 @@ def _whole_matmuls(gather: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.
 def _only_producer_matmul(source: torch.fx.Node) -> Optional[torch.fx.Node]:
     """The ``mm`` whose only use is ``source`` (itself, or a view of it that only the reduce-scatter
     reads); reading a size (``sym_size``) is not a use."""
-    matmul = source.args[0] if is_call(source, *_VIEWS) else source
+    matmul = source.args[0] if is_call(source, *RESHAPE_OPS) else source
     if not is_call(matmul, aten.mm.default):
         return None
     uses = [u for n in {source, matmul} for u in n.users if u is not source and not is_call(u, aten.sym_size.int)]

@@ -26,15 +26,14 @@ import torch
 import torch.fx
 
 from rangedispatch.gemm.skinny_gemm_op import MAX_WEIGHTS, SKINNY_MM_OP, TileConfig, block_m_for, unsupported
-from rangedispatch.passes import GraphPass, source_digest
+from rangedispatch.passes import RESHAPE_OPS, GraphPass, source_digest
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
 
 _MM = torch.ops.aten.mm.default
 _ADDMM = torch.ops.aten.addmm.default
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
-_WEIGHT_VIEWS = (*_VIEWS, torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+_WEIGHT_VIEWS = (*RESHAPE_OPS, torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 
 class _Matmul(NamedTuple):
@@ -63,7 +62,7 @@ def _operands(node: torch.fx.Node) -> Optional[tuple[torch.fx.Node, torch.fx.Nod
 def _input_key(a: torch.fx.Node) -> tuple:
     """What a matmul reads, seen through a view: two views of one tensor with the same shape are one
     input."""
-    if a.op == "call_function" and a.target in _VIEWS:
+    if a.op == "call_function" and a.target in RESHAPE_OPS:
         return (a.args[0], tuple(a.args[1]))
     return (a,)
 
