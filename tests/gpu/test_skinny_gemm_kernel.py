@@ -19,15 +19,16 @@ def rel_err(a, b):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("ns", [(1000,), (1000, 200, 1), (512, 64, 64, 300)], ids=["1 weight", "3", "4"])
-def test_skinny_mm_equals_cublas_for_any_row_count(dtype, bias, split_k, ns):
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_skinny_mm_equals_cublas_for_any_row_count(dtype, bias, split_k, ns, block_m):
     from rangedispatch.gemm.skinny_gemm_op import TileConfig, skinny_mm
 
     torch.manual_seed(0)
     k = 1064  # not a multiple of the tiles, nor are most N
     ws = [torch.randn(n, k, dtype=dtype, device="cuda") / k ** 0.5 for n in ns]
     bs = [torch.randn(n, dtype=dtype, device="cuda") for n in ns] if bias else []
-    cfg = TileConfig(16, 64, 128, split_k, 4, 3)
-    for m in (1, 5, 16, 40):  # 40: more rows than one block holds
+    cfg = TileConfig(block_m, 64, 128, split_k, 4, 3)
+    for m in (1, 5, block_m, block_m + 1, 2 * block_m + 3):  # more rows than one block holds, up to 3 blocks
         a = torch.randn(m, k, dtype=dtype, device="cuda")
         outs = skinny_mm(a, [w.t() for w in ws], bs, list(cfg))
         for i, (w, out) in enumerate(zip(ws, outs)):
@@ -56,19 +57,22 @@ def test_the_pass_replaces_the_matmuls_of_the_decode_range_only(caplog):
 
     torch.manual_seed(0)
     model = _MLP().to("cuda", torch.bfloat16)
-    cfg = load_config(["hardware=h200", "hardware.skinny_gemm_max_tokens=16", "compile.skinny_gemm=always",
+    cfg = load_config(["hardware=h200", "hardware.skinny_gemm_max_tokens=128", "compile.skinny_gemm=always",
                        "dispatch.max_num_tokens=256", "dispatch.split_points=[]", "hardware.compile_sizes=[]"])
     m = RangeCompiledModule(model, cfg)
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="rangedispatch"):
-        for n in (3, 16, 17, 100):
+        for n in (3, 16, 100, 200):  # 100: two 64-row blocks per column tile
             x = torch.randn(n, 512, dtype=torch.bfloat16, device="cuda")
             assert rel_err(m(x), model(x)) < 1e-2, n
     stats = m.stats()
     assert str(m.range_for(3)) == "[1,16]" and m.range_for(16) == m.range_for(3)
-    assert stats[m.range_for(3)]["matches"] == {"skinny_gemm": 2}  # launches: gate+up, down
-    assert stats[m.range_for(100)]["matches"].get("skinny_gemm", 0) == 0
-    assert "skinny GEMM 1536+1536x512 bfloat16 for [1,16] tokens: 16x" in caplog.text  # gate/up: one launch
-    assert "skinny GEMM 512x1536 bfloat16 +bias for [1,16] tokens: 16x" in caplog.text
+    assert str(m.range_for(100)) == "[65,128]"
+    for n in (3, 100):
+        assert stats[m.range_for(n)]["matches"] == {"skinny_gemm": 2}  # launches: gate+up, down
+    assert stats[m.range_for(200)]["matches"].get("skinny_gemm", 0) == 0
+    for rows, r in ((16, "[1,16]"), (64, "[65,128]")):
+        assert f"skinny GEMM 1536+1536x512 bfloat16 for {r} tokens: {rows}x" in caplog.text  # gate/up: one launch
+        assert f"skinny GEMM 512x1536 bfloat16 +bias for {r} tokens: {rows}x" in caplog.text
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
