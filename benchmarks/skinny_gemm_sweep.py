@@ -4,9 +4,10 @@ For one rank's weights of a Llama at TP=2 (hidden 4096 and 8192), every configur
 timed at each of ``rows`` (16 by default: the decode range of the ``h200`` profile; "65,128": both
 ends of a range, as the tuning times it) through ``torch.ops.rangedispatch.skinny_mm``, in CUDA
 graphs, and the five fastest per weight (by their time summed over the row counts) are printed with
-their speed-up over cuBLAS. Re-run it to pick candidates for another GPU.
+their speed-up over cuBLAS. The row block is the kernel's for the largest row count unless
+``block_m`` says otherwise. Re-run it to pick candidates for another GPU.
 
-    python benchmarks/skinny_gemm_sweep.py [rows,...] [out.txt]
+    python benchmarks/skinny_gemm_sweep.py [rows,...] [out.txt] [block_m]
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def _us(fn) -> float:
     return time_us(fn, calls=10, replays=20)[0]
 
 
-def main(rows: list[int], out_path: str | None) -> None:
+def main(rows: list[int], out_path: str | None, block_m: int) -> None:
     torch.manual_seed(0)
     lines = [f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; {'/'.join(map(str, rows))} rows, bf16; "
-             "median of 20 replays of 10 calls; x over cuBLAS at each row count"]
+             f"{block_m}-row blocks; median of 20 replays of 10 calls; x over cuBLAS at each row count"]
     for n, k in SHAPES:
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
         xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for m in rows]
@@ -42,7 +43,7 @@ def main(rows: list[int], out_path: str | None) -> None:
         cublas = [_us(lambda x=x: x @ w.t()) for x in xs]
         timed = []
         for cand in GRID:
-            cfg = list(TileConfig(block_m_for(max(rows)), *cand))
+            cfg = list(TileConfig(block_m, *cand))
             try:
                 err = max(((skinny_mm(x, [w.t()], [], cfg)[0].float() - ref).norm() / ref.norm()).item()
                           for x, ref in zip(xs, refs))
@@ -64,5 +65,6 @@ def main(rows: list[int], out_path: str | None) -> None:
 
 
 if __name__ == "__main__":
-    main([int(m) for m in sys.argv[1].split(",")] if len(sys.argv) > 1 else [16],
-         sys.argv[2] if len(sys.argv) > 2 else None)
+    rows = [int(m) for m in sys.argv[1].split(",")] if len(sys.argv) > 1 else [16]
+    main(rows, sys.argv[2] if len(sys.argv) > 2 else None,
+         int(sys.argv[3]) if len(sys.argv) > 3 else block_m_for(max(rows)))
