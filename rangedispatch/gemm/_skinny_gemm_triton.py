@@ -74,10 +74,12 @@ def _skinny_mm_kernel(a, b0, b1, b2, b3, bias0, bias1, bias2, bias3, c0, c1, c2,
 
 
 def launch(a: torch.Tensor, bs: list[torch.Tensor], biases: list[torch.Tensor], block_m: int,
-           block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int) -> list[torch.Tensor]:
+           block_n: int, block_k: int, split_k: int, num_warps: int, num_stages: int,
+           compile_only: bool = False) -> list[torch.Tensor]:
     """``[a @ b (+ bias) for each b]`` in ``a``'s dtype, for ``a`` ``[M, K]`` (any strides) and each
     ``b`` a ``[K, N]`` view with unit stride along K (a transposed row-major weight); ``biases``: one
-    per ``b``, or none."""
+    per ``b``, or none. ``compile_only``: compile the kernel these arguments launch, and launch
+    nothing (the outputs are left unwritten)."""
     assert 1 <= len(bs) <= MAX_WEIGHTS and all(b.stride(0) == 1 for b in bs) and len(biases) in (0, len(bs))
     (m, k), ns = a.shape, [b.shape[1] for b in bs]
     if m == 0:
@@ -88,14 +90,41 @@ def launch(a: torch.Tensor, bs: list[torch.Tensor], biases: list[torch.Tensor], 
     k_share = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
     grid = (triton.cdiv(m, block_m), tile_ends[-1], triton.cdiv(k, k_share))
     unused = MAX_WEIGHTS - len(bs)
-    _skinny_mm_kernel[grid](
-        a, *bs, *[bs[0]] * unused, *(biases or [a] * len(bs)), *[a] * unused, *outs, *[outs[0]] * unused,
-        *ns, *[0] * unused, *(tile_ends[:-1] + [0] * unused), *[b.stride(1) for b in bs], *[0] * unused,
-        m, k, k_share, a.stride(0), a.stride(1), NUM_WEIGHTS=len(bs), HAS_BIAS=bool(biases),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=num_warps,
-        num_stages=num_stages)
+    args = (a, *bs, *[bs[0]] * unused, *(biases or [a] * len(bs)), *[a] * unused, *outs, *[outs[0]] * unused,
+            *ns, *[0] * unused, *(tile_ends[:-1] + [0] * unused), *[b.stride(1) for b in bs], *[0] * unused,
+            m, k, k_share, a.stride(0), a.stride(1))
+    meta = dict(NUM_WEIGHTS=len(bs), HAS_BIAS=bool(biases), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
+    if compile_only:
+        _skinny_mm_kernel.warmup(*args, grid=grid, **meta)
+        return outs
+    _skinny_mm_kernel[grid](*args, **meta)
     if split_k == 1:
         return outs
     if biases:
         outs = [out + bias for out, bias in zip(outs, biases)]
     return [out.to(a.dtype) for out in outs]
+
+
+def compile_configs(rows: list[torch.Tensor], bs: list[torch.Tensor], biases: list[torch.Tensor],
+                    configs: list[tuple[int, ...]]) -> None:
+    """Compile the kernel for each configuration and each input of ``rows`` (their sizes specialize
+    it) on Inductor's ``compile_threads`` threads, before any is timed: one at a time, a cold cache
+    spent most of the tuning's seconds compiling. A configuration that fails here fails again, with
+    its reason, when it is launched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch._inductor import config as inductor_config
+
+    device = rows[0].device
+
+    def compile_one(cfg: tuple[int, ...]) -> None:
+        with torch.cuda.device(device):  # the current device is per thread; Triton caches kernels by it
+            for a in rows:
+                try:
+                    launch(a, bs, biases, *cfg, compile_only=True)
+                except Exception:  # reported, with its reason, by the launch that follows
+                    return
+
+    with ThreadPoolExecutor(max(1, min(len(configs), inductor_config.compile_threads))) as pool:
+        list(pool.map(compile_one, configs))

@@ -53,6 +53,8 @@ def _time_and_pick(device: torch.device, dtype: torch.dtype, ns: tuple[int, ...]
 
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    from rangedispatch.gemm._skinny_gemm_triton import compile_configs
+
     shape = f"{'+'.join(map(str, ns))}x{k} {str(dtype).removeprefix('torch.')}{' +bias' if has_bias else ''}"
     with unset_fake_temporarily(), torch.no_grad(), torch.cuda.device(device):
         bs = [(torch.randn(n, k, dtype=dtype, device=device) * k ** -0.5).t() for n in ns]
@@ -69,9 +71,10 @@ def _time_and_pick(device: torch.device, dtype: torch.dtype, ns: tuple[int, ...]
 
         base = [time_ms(lambda a=a: cublas(a)) for a in rows]
         refs = [[out.float() for out in cublas(a)] for a in rows]
+        configs = [TileConfig(block_m_for(r.end), *cand) for cand in CANDIDATES]
+        compile_configs(rows, bs, biases, configs)
         timed: list[tuple[float, TileConfig]] = []
-        for cand in CANDIDATES:
-            cfg = TileConfig(block_m_for(r.end), *cand)
+        for cfg in configs:
             try:
                 err = max(_rel_error(skinny_mm(a, bs, biases, list(cfg)), ref) for a, ref in zip(rows, refs))
                 if not err <= _MAX_REL_ERROR:
