@@ -5,8 +5,9 @@ Timed on the device at compile time, as Inductor's own autotuning is: for one gr
 as one call per weight, at the first and the last token count of the range, with random values,
 each inside a CUDA graph (what serving replays; the launch cost of a few-microsecond kernel would
 swamp it otherwise). A candidate must be faster at both sizes and ``MIN_GAIN`` faster over both, or
-cuBLAS stays. It must also give cuBLAS's results. Choices are kept per process, so a group of shapes
-is timed once per range whatever graph holds it.
+cuBLAS stays. It must also give cuBLAS's results. The candidates are compiled together on
+Inductor's compile threads before the first is timed. Choices are kept per process, so a group of
+shapes is timed once per range whatever graph holds it.
 """
 
 from __future__ import annotations
