@@ -12,7 +12,12 @@ these forms:
 - ``torch_symm_mem``: PyTorch's ``fused_all_gather_matmul`` / ``fused_matmul_reduce_scatter``
   (one matmul per rank's block, the blocks moved by the copy engines; what the async-TP tier runs);
 - ``two_stage``: the same data movement in two matmuls per op instead of one per rank: the own block
-  while a side stream pulls the others, then the other blocks (at most two contiguous runs).
+  while a side stream pulls the others, then the other blocks (at most two contiguous runs);
+- ``micro_batch_nccl``: the tokens in two halves, each half's NCCL all-reduce under the other half's
+  matmuls (whole matmuls, half the rows; NCCL's kernels take SMs from them);
+- ``micro_batch_copy_engine``: the same pipeline with each half's all-reduce moved by the copy
+  engines over symmetric memory (a pull of this rank's block of the peers' partial sums, an add, a
+  pull of the peers' sums), so that only the add and the barriers take SMs.
 
 Every form's output is checked against ``nccl``'s. Results: ``benchmarks/results/h200x4.md``.
 
@@ -95,6 +100,48 @@ class TwoStage:
         return out
 
 
+class CopyEngineAllReduce:
+    """All-reduce of one micro-batch on a side stream, its data moved by the copy engines.
+
+    The down projection writes its partial sums into this rank's symmetric buffer. Each rank pulls
+    its row block of every peer's partial sums, adds them into a second symmetric buffer, and pulls
+    the peers' reduced blocks from there. The last barrier keeps a rank from overwriting either
+    buffer while a peer still reads it."""
+
+    def __init__(self, group_name: str, rank: int, world: int, max_rows: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.rank, self.world = rank, world
+        self.buffers = [symm_mem.empty(max_rows * HIDDEN, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        self.partial, self.reduced = (symm_mem.rendezvous(b, group_name) for b in self.buffers)
+        self.side = torch.cuda.Stream()
+
+    def partial_out(self, rows: int) -> torch.Tensor:
+        """Where the down projection writes this rank's partial sums of ``rows`` tokens."""
+        return self.buffers[0][:rows * HIDDEN].view(rows, HIDDEN)
+
+    def start(self, rows: int) -> None:
+        block, shape = rows // self.world, (rows, HIDDEN)
+        self.out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            self.partial.barrier(channel=0)
+            mine = slice(self.rank * block, (self.rank + 1) * block)
+            staged = torch.empty((self.world, block, HIDDEN), device="cuda", dtype=torch.bfloat16)
+            for p in range(self.world):
+                staged[p].copy_(self.partial.get_buffer(p, shape, torch.bfloat16, 0)[mine])
+            torch.sum(staged, 0, out=self.buffers[1][:rows * HIDDEN].view(shape)[mine])
+            self.reduced.barrier(channel=0)
+            for p in range(self.world):
+                theirs = slice(p * block, (p + 1) * block)
+                self.out[theirs].copy_(self.reduced.get_buffer(p, shape, torch.bfloat16, 0)[theirs])
+            self.reduced.barrier(channel=1)
+
+    def finish(self) -> torch.Tensor:
+        torch.cuda.current_stream().wait_stream(self.side)
+        return self.out
+
+
 def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
     group_name = dist.group.WORLD.group_name
     symm_mem = torch.ops.symm_mem
@@ -104,6 +151,7 @@ def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
     gate, up = (torch.randn(HIDDEN, inter, **cuda_bf16) / HIDDEN ** 0.5 for _ in range(2))
     down = torch.randn(inter, HIDDEN, **cuda_bf16) / inter ** 0.5
     norm_weight = torch.ones(HIDDEN, **cuda_bf16)
+    copy_engine = [CopyEngineAllReduce(group_name, rank, world, max(token_counts) // 2) for _ in range(2)]
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, **cuda_bf16)
@@ -153,8 +201,39 @@ def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
                 h = rms_norm(residual, norm_weight)
             return h
 
+        def micro_batch(start, finish):
+            """Two halves of the tokens; each half's all-reduce runs under the other half's matmuls."""
+            halves = [slice(0, tokens // 2), slice(tokens // 2, tokens)]
+            h = [x[s] for s in halves]
+            residual = list(h)
+            for layer in range(LAYERS + 1):
+                for i in range(2):
+                    if layer:
+                        residual[i] = finish(i) + residual[i]
+                        h[i] = rms_norm(residual[i], norm_weight)
+                    if layer < LAYERS:
+                        start(i, F.silu(h[i] @ gate) * (h[i] @ up))
+            return torch.cat(h)[own]
+
+        pending = [None, None]
+
+        def nccl_start(i, act):
+            y = act @ down
+            pending[i] = (y, dist.all_reduce(y, async_op=True))
+
+        def nccl_finish(i):
+            y, work = pending[i]
+            work.wait()
+            return y
+
+        def copy_engine_start(i, act):
+            torch.mm(act, down, out=copy_engine[i].partial_out(act.shape[0]))
+            copy_engine[i].start(act.shape[0])
+
         forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_sequence_parallel": nccl_sequence_parallel,
-                 "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form}
+                 "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form,
+                 "micro_batch_nccl": lambda: micro_batch(nccl_start, nccl_finish),
+                 "micro_batch_copy_engine": lambda: micro_batch(copy_engine_start, lambda i: copy_engine[i].finish())}
         want = nccl().float()
         for name, form in forms.items():
             err = None
