@@ -19,7 +19,9 @@ these forms:
   engines over symmetric memory (a pull of this rank's block of the peers' partial sums, an add, a
   pull of the peers' sums), so that only the add and the barriers take SMs.
 
-Every form's output is checked against ``nccl``'s. Results: ``benchmarks/results/h200x4.md``.
+Every form's output is checked against ``nccl``'s. Token counts must be multiples of 2 x WORLD (the
+halves are split into rank blocks). Results: ``benchmarks/results/h200x4.md`` (TP=4) and
+``h200x2.md`` (TP=2).
 
     python benchmarks/tp_overlap_forms.py WORLD TOKENS[,TOKENS...] OUT.json    # WORLD CUDA GPUs
 """
@@ -121,6 +123,7 @@ class CopyEngineAllReduce:
         return self.buffers[0][:rows * HIDDEN].view(rows, HIDDEN)
 
     def start(self, rows: int) -> None:
+        """Queue the all-reduce of ``partial_out(rows)`` behind what the current stream queued."""
         block, shape = rows // self.world, (rows, HIDDEN)
         self.out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
         self.side.wait_stream(torch.cuda.current_stream())
@@ -249,6 +252,8 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit(__doc__.rsplit("\n\n", 1)[-1].strip())
     world, token_counts, out = int(argv[0]), [int(t) for t in argv[1].split(",")], argv[2]
+    if any(t % (2 * world) for t in token_counts):
+        raise SystemExit(f"TOKENS={argv[1]}: every count must be a multiple of 2 x WORLD = {2 * world}")
     rows = spawn_ranks(_rank, world, token_counts, backend="nccl")[0]
     nccl = {r["tokens"]: r["us"] for r in rows if r["form"] == "nccl"}
     for r in rows:
