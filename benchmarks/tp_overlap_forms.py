@@ -17,19 +17,27 @@ these forms:
   matmuls (whole matmuls, half the rows; NCCL's kernels take SMs from them);
 - ``micro_batch_copy_engine``: the same pipeline with each half's all-reduce moved by the copy
   engines over symmetric memory (a pull of this rank's block of the peers' partial sums, an add, a
-  pull of the peers' sums), so that only the add and the barriers take SMs.
+  pull of the peers' sums), so that only the add and the barriers take SMs;
+- ``micro_batch_*_high_priority``: the same, the collectives on a high-priority stream, whose
+  kernels (NCCL's, or the add and the barriers) get the next free SMs ahead of the matmuls' waiting
+  blocks;
+- ``column_chunks_C_*_high_priority``: the down projection in C column chunks, each chunk's
+  all-reduce (NCCL, or the copy engines) under the next chunk's matmul; only the last chunk's is
+  exposed, and the matmuls keep all their rows.
 
-Every form's output is checked against ``nccl``'s. Token counts must be multiples of 2 x WORLD (the
+FORM names the forms to time (all by default); ``nccl``, the reference, always runs. Every form's
+output is checked against ``nccl``'s. Token counts must be multiples of 2 x WORLD (the
 halves are split into rank blocks). Results: ``benchmarks/results/h200x4.md`` (TP=4) and
 ``h200x2.md`` (TP=2).
 
-    python benchmarks/tp_overlap_forms.py WORLD TOKENS[,TOKENS...] OUT.json    # WORLD CUDA GPUs
+    python benchmarks/tp_overlap_forms.py WORLD TOKENS[,TOKENS...] OUT.json [FORM,...]    # WORLD CUDA GPUs
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -39,6 +47,7 @@ from rangedispatch.bench.timing import time_us
 from rangedispatch.cli.launch import spawn_ranks
 
 HIDDEN, INTERMEDIATE, LAYERS = 8192, 28672, 2
+COLUMN_CHUNKS = (2, 4)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -108,32 +117,34 @@ class CopyEngineAllReduce:
     The down projection writes its partial sums into this rank's symmetric buffer. Each rank pulls
     its row block of every peer's partial sums, adds them into a second symmetric buffer, and pulls
     the peers' reduced blocks from there. The last barrier keeps a rank from overwriting either
-    buffer while a peer still reads it."""
+    buffer while a peer still reads it. The add and the barriers are kernels: on a side stream of
+    default priority they wait for the SMs that the matmuls hold."""
 
-    def __init__(self, group_name: str, rank: int, world: int, max_rows: int):
+    def __init__(self, group_name: str, rank: int, world: int, max_rows: int, cols: int = HIDDEN,
+                 side: torch.cuda.Stream | None = None):
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.rank, self.world = rank, world
-        self.buffers = [symm_mem.empty(max_rows * HIDDEN, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        self.rank, self.world, self.cols = rank, world, cols
+        self.buffers = [symm_mem.empty(max_rows * cols, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
         self.partial, self.reduced = (symm_mem.rendezvous(b, group_name) for b in self.buffers)
-        self.side = torch.cuda.Stream()
+        self.side = side or torch.cuda.Stream()
 
     def partial_out(self, rows: int) -> torch.Tensor:
         """Where the down projection writes this rank's partial sums of ``rows`` tokens."""
-        return self.buffers[0][:rows * HIDDEN].view(rows, HIDDEN)
+        return self.buffers[0][:rows * self.cols].view(rows, self.cols)
 
     def start(self, rows: int) -> None:
         """Queue the all-reduce of ``partial_out(rows)`` behind what the current stream queued."""
-        block, shape = rows // self.world, (rows, HIDDEN)
+        block, shape = rows // self.world, (rows, self.cols)
         self.out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             self.partial.barrier(channel=0)
             mine = slice(self.rank * block, (self.rank + 1) * block)
-            staged = torch.empty((self.world, block, HIDDEN), device="cuda", dtype=torch.bfloat16)
+            staged = torch.empty((self.world, block, self.cols), device="cuda", dtype=torch.bfloat16)
             for p in range(self.world):
                 staged[p].copy_(self.partial.get_buffer(p, shape, torch.bfloat16, 0)[mine])
-            torch.sum(staged, 0, out=self.buffers[1][:rows * HIDDEN].view(shape)[mine])
+            torch.sum(staged, 0, out=self.buffers[1][:rows * self.cols].view(shape)[mine])
             self.reduced.barrier(channel=0)
             for p in range(self.world):
                 theirs = slice(p * block, (p + 1) * block)
@@ -145,7 +156,14 @@ class CopyEngineAllReduce:
         return self.out
 
 
-def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
+def _high_priority_nccl_group() -> dist.ProcessGroup:
+    """A second NCCL group whose kernels run on a high-priority stream (all ranks call this)."""
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True
+    return dist.new_group(backend="nccl", pg_options=options)
+
+
+def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> list[dict]:
     group_name = dist.group.WORLD.group_name
     symm_mem = torch.ops.symm_mem
     inter = INTERMEDIATE // world
@@ -154,7 +172,13 @@ def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
     gate, up = (torch.randn(HIDDEN, inter, **cuda_bf16) / HIDDEN ** 0.5 for _ in range(2))
     down = torch.randn(inter, HIDDEN, **cuda_bf16) / inter ** 0.5
     norm_weight = torch.ones(HIDDEN, **cuda_bf16)
-    copy_engine = [CopyEngineAllReduce(group_name, rank, world, max(token_counts) // 2) for _ in range(2)]
+    max_tokens = max(token_counts)
+    high = torch.cuda.Stream(priority=-1)
+    copy_engine = {prio: [CopyEngineAllReduce(group_name, rank, world, max_tokens // 2, side=side) for _ in range(2)]
+                   for prio, side in (("default", None), ("high", high))}
+    column_copy_engine = {c: [CopyEngineAllReduce(group_name, rank, world, max_tokens, HIDDEN // c, side=high)
+                              for _ in range(c)] for c in COLUMN_CHUNKS}
+    high_priority_group = _high_priority_nccl_group()
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, **cuda_bf16)
@@ -218,25 +242,51 @@ def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
                         start(i, F.silu(h[i] @ gate) * (h[i] @ up))
             return torch.cat(h)[own]
 
-        pending = [None, None]
+        def column_chunks(chunks, start, finish):
+            """The down projection in column chunks; each chunk's all-reduce under the next chunk's matmul."""
+            h = residual = x
+            width = HIDDEN // chunks
+            for _ in range(LAYERS):
+                act = F.silu(h @ gate) * (h @ up)
+                for j in range(chunks):
+                    start(j, act, down[:, j * width:(j + 1) * width])
+                residual = torch.cat([finish(j) for j in range(chunks)], dim=1) + residual
+                h = rms_norm(residual, norm_weight)
+            return h[own]
 
-        def nccl_start(i, act):
-            y = act @ down
-            pending[i] = (y, dist.all_reduce(y, async_op=True))
+        pending = {}
+
+        def nccl_start(i, act, weight=down, group=None):
+            y = act @ weight
+            pending[i] = (y, dist.all_reduce(y, group=group, async_op=True))
 
         def nccl_finish(i):
             y, work = pending[i]
             work.wait()
             return y
 
-        def copy_engine_start(i, act):
-            torch.mm(act, down, out=copy_engine[i].partial_out(act.shape[0]))
-            copy_engine[i].start(act.shape[0])
+        def copy_engine_start(engines, i, act, weight=down):
+            torch.mm(act, weight, out=engines[i].partial_out(act.shape[0]))
+            engines[i].start(act.shape[0])
+
+        def high_nccl_start(i, act, weight=down):
+            nccl_start(i, act, weight, high_priority_group)
 
         forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_sequence_parallel": nccl_sequence_parallel,
                  "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form,
                  "micro_batch_nccl": lambda: micro_batch(nccl_start, nccl_finish),
-                 "micro_batch_copy_engine": lambda: micro_batch(copy_engine_start, lambda i: copy_engine[i].finish())}
+                 "micro_batch_nccl_high_priority": lambda: micro_batch(high_nccl_start, nccl_finish)}
+        for prio, engines in copy_engine.items():
+            forms["micro_batch_copy_engine" + ("" if prio == "default" else "_high_priority")] = (
+                lambda engines=engines: micro_batch(partial(copy_engine_start, engines), lambda i: engines[i].finish()))
+        for c, engines in column_copy_engine.items():
+            forms[f"column_chunks_{c}_nccl_high_priority"] = partial(column_chunks, c, high_nccl_start, nccl_finish)
+            forms[f"column_chunks_{c}_copy_engine_high_priority"] = partial(
+                column_chunks, c, partial(copy_engine_start, engines), lambda j, engines=engines: engines[j].finish())
+        unknown = sorted(set(only) - set(forms))
+        if unknown:
+            raise ValueError(f"FORM={','.join(unknown)}: not a form of this script; the forms: {', '.join(forms)}")
+        forms = {name: form for name, form in forms.items() if not only or name in only or name == "nccl"}
         want = nccl().float()
         for name, form in forms.items():
             err = None
@@ -249,12 +299,13 @@ def _rank(rank: int, world: int, token_counts: list[int]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         raise SystemExit(__doc__.rsplit("\n\n", 1)[-1].strip())
     world, token_counts, out = int(argv[0]), [int(t) for t in argv[1].split(",")], argv[2]
+    only = argv[3].split(",") if len(argv) == 4 else []
     if any(t % (2 * world) for t in token_counts):
         raise SystemExit(f"TOKENS={argv[1]}: every count must be a multiple of 2 x WORLD = {2 * world}")
-    rows = spawn_ranks(_rank, world, token_counts, backend="nccl")[0]
+    rows = spawn_ranks(_rank, world, token_counts, only, backend="nccl")[0]
     nccl = {r["tokens"]: r["us"] for r in rows if r["form"] == "nccl"}
     for r in rows:
         r["speedup_vs_nccl"] = round(nccl[r["tokens"]] / r["us"], 3)
