@@ -22,3 +22,9 @@ def test_annotate_speedups_and_vs_best_static(tmp_path):
     assert "| 4096 | 300.0 (1.00x) | 295.0 (1.02x) | 320.0 (0.94x) | 296.0 (1.01x) | [2049,16384] | 1.003 |" in text
     assert report.plot(rows, tmp_path / "r.png", {2048: [2048]}) is None
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_speedups_of_every_hf_level_are_over_torch_compile():
+    rows = [dict(level="hf_handwritten_sdpa_is_causal", hidden=64, tokens=8, fp8=False, variant=v, us=us,
+                 method="cudagraph") for v, us in (("torch_compile", 110.0), ("range_dispatch", 100.0))]
+    assert [r["speedup"] for r in report.annotate(rows)] == [1.0, 1.1]

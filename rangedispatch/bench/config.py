@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from rangedispatch.bench.hf_models import ATTENTIONS, TP_STYLES
 from rangedispatch.config.checks import check_choice, check_int, check_int_list, check_str, fail
 
 LEVELS = ("op", "model", "hf")
@@ -37,6 +38,11 @@ class BenchConfig:
     hf_shapes: list[list[int]] = field(default_factory=lambda: [[4096, 14336], [8192, 28672]])
     hf_tp: list[str] = field(default_factory=lambda: ["handwritten", "dtensor"])
     hf_tokens: list[int] = field(default_factory=lambda: [1, 32, 128, 512, 2048, 8192])
+    # HF level: how attention calls SDPA (rangedispatch/bench/hf_models.py). "sdpa": as the
+    # installed transformers does (on torch 2.11 or transformers 5.17, under torch.compile, with a
+    # causal mask tensor, so no flash kernel); "sdpa_is_causal": is_causal=True and no mask tensor,
+    # as transformers 5.24 on torch 2.13 runs it. Level names get the suffix "_sdpa_is_causal".
+    hf_attention: str = "sdpa"
     # Model and HF levels: when set, range dispatch is also timed with these token counts as graphs
     # of their own (dispatch.compile_sizes, autotuned as compile.max_autotune says), as the variant
     # range_dispatch_sizes. Range-dispatch rows record their range's compile seconds either way.
@@ -72,7 +78,8 @@ class BenchConfig:
                 raise fail(f"{k}.hf_shapes", self.hf_shapes, "a list of [hidden, intermediate] pairs")
             check_int_list(f"{k}.hf_shapes", shape, lo=1)
         for style in self.hf_tp:
-            check_choice(f"{k}.hf_tp", style, ("handwritten", "dtensor", "dtensor_output"))
+            check_choice(f"{k}.hf_tp", style, TP_STYLES)
+        check_choice(f"{k}.hf_attention", self.hf_attention, ATTENTIONS)
         self.hf_tokens = check_int_list(f"{k}.hf_tokens", self.hf_tokens, lo=1)
         self.model_tokens = check_int_list(f"{k}.model_tokens", self.model_tokens, lo=1)
         self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, lo=1)

@@ -7,6 +7,16 @@ weights, no downloads), and tensor parallelism the two ways people write it:
 - ``dtensor``: ``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel``, as in
   torchtitan and HF's ``tp_plan``; ``dtensor_output`` keeps the row-parallel outputs DTensors
   (``use_local_output=False``), with the layers' inputs and norms replicated to match.
+
+Attention runs through SDPA in one of two ways (``ATTENTIONS``):
+
+- ``sdpa``: as the installed transformers does it. Under ``torch.compile`` with torch 2.11 or
+  transformers 5.17, HF builds the causal mask as a tensor, and SDPA with a mask tensor cannot use
+  its flash kernel;
+- ``sdpa_is_causal``: SDPA with ``is_causal=True`` and no mask tensor, what transformers 5.24 with
+  torch 2.13 runs under ``torch.compile`` (checked on CPU). The same result for calls with
+  ``input_ids`` only, the benchmark's; an attention mask, a KV cache or sliding-window layers are
+  refused.
 """
 
 from __future__ import annotations
@@ -17,14 +27,21 @@ from torch import nn
 
 FAMILIES = ("llama", "qwen2", "gemma2", "phi3")
 TP_STYLES = ("handwritten", "dtensor", "dtensor_output")
+ATTENTIONS = ("sdpa", "sdpa_is_causal")
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-          vocab: int = 128, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A ``<Family>Model`` (the decoder stack, no LM head) with seed-0 random weights."""
+          vocab: int = 128, dtype: torch.dtype = torch.float32, device: str = "cpu",
+          attention: str = "sdpa") -> nn.Module:
+    """A ``<Family>Model`` (the decoder stack, no LM head) with seed-0 random weights, its attention
+    one of ``ATTENTIONS``."""
     import transformers
+
+    if attention == "sdpa_is_causal":
+        transformers.AttentionInterface.register(attention, _sdpa_is_causal)
+        transformers.AttentionMaskInterface.register(attention, _no_mask_tensor)
 
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaModel),
@@ -35,9 +52,29 @@ def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: i
     config = config_cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                         vocab_size=vocab, max_position_embeddings=32768, pad_token_id=0)
+    if attention == "sdpa_is_causal" and getattr(config, "sliding_window", None):
+        raise ValueError(f"attention=sdpa_is_causal: {family} has sliding-window layers "
+                         f"(sliding_window={config.sliding_window}), whose mask is_causal does not give; use sdpa")
     torch.manual_seed(0)
     with torch.device(device):
-        return model_cls(config).to(dtype).eval()
+        model = model_cls(config).to(dtype).eval()
+    model.config._attn_implementation = attention
+    return model
+
+
+def _sdpa_is_causal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: None, **kwargs) -> tuple:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)  # is_causal for 2+ queries
+
+
+def _no_mask_tensor(*, q_length: int, kv_length: int, q_offset: int, attention_mask: object, **_: object) -> None:
+    """The mask of ``sdpa_is_causal``: none, for the calls where SDPA's ``is_causal`` is the same."""
+    if attention_mask is not None or kv_length != q_length or (isinstance(q_offset, int) and q_offset):
+        raise ValueError("attention=sdpa_is_causal: only for calls with input_ids alone (no attention_mask, "
+                         f"no KV cache); got a mask: {attention_mask is not None}, {q_length} queries over "
+                         f"{kv_length} keys")
 
 
 def tensor_parallel(model: nn.Module, style: str) -> nn.Module:

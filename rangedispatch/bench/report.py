@@ -7,9 +7,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
-BASELINES = {"op": "nccl_compiled_norm", "model": "torch_compile", "hf_handwritten": "torch_compile",
-             "hf_dtensor": "torch_compile", "hf_dtensor_output": "torch_compile"}
 STATIC = ("fusion_off", "fusion_everywhere", "sequence_parallel", "async_tp")
+
+
+def baseline(level: str) -> str:
+    """The variant a level's speed-ups are over: NCCL + a compiled norm for ops, torch.compile of the
+    same model for the model and HF levels."""
+    return "nccl_compiled_norm" if level == "op" else "torch_compile"
 
 
 def annotate(rows: list[dict]) -> list[dict]:
@@ -20,7 +24,7 @@ def annotate(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups[(r["level"], r["hidden"], r["fp8"], r["tokens"])][r["variant"]] = r
     for (level, *_), by_variant in groups.items():
-        base = by_variant.get(BASELINES[level])
+        base = by_variant.get(baseline(level))
         for r in by_variant.values():
             r["speedup"] = round(base["us"] / r["us"], 3) if base else None
         rd = by_variant.get("range_dispatch")
@@ -63,7 +67,7 @@ def table(rows: Iterable[dict]) -> str:
                  if level.startswith("hf") else [])
         compiled = [v for v in variants if v.startswith("range_dispatch")] if extra else []
         extra += [f"compile s ({' / '.join(compiled)})"] if compiled else []
-        out.append(f"\n### {level} level, hidden {hidden}, bf16{', FP8 quant' if fp8 else ''} (us per call; x = speedup vs {BASELINES[level]})\n")
+        out.append(f"\n### {level} level, hidden {hidden}, bf16{', FP8 quant' if fp8 else ''} (us per call; x = speedup vs {baseline(level)})\n")
         out.append("| tokens | " + " | ".join(variants + extra) + " |")
         out.append("|" + "---|" * (len(variants) + len(extra) + 1))
         for n in sorted(by_tokens):
@@ -98,7 +102,7 @@ def plot(rows: list[dict], path: Path, boundaries: Optional[dict[int, list[int]]
     fig, axes = plt.subplots(2, len(keys), figsize=(5 * len(keys), 8), squeeze=False, sharex="col")
     for col, key in enumerate(keys):
         top, bottom = axes[0][col], axes[1][col]
-        base = dict(groups[key].get(BASELINES[key[0]], []))
+        base = dict(groups[key].get(baseline(key[0]), []))
         for variant, pts in groups[key].items():
             pts.sort()
             xs = [p[0] for p in pts]
@@ -113,7 +117,7 @@ def plot(rows: list[dict], path: Path, boundaries: Optional[dict[int, list[int]]
         top.set_ylabel("us per call")
         top.set_title(f"{key[0]} level, hidden {key[1]}{', FP8' if key[2] else ''}")
         top.legend(fontsize=7)
-        bottom.set_ylabel(f"speedup vs {BASELINES[key[0]]}")
+        bottom.set_ylabel(f"speedup vs {baseline(key[0])}")
         bottom.set_xlabel("tokens (dotted: range boundaries)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

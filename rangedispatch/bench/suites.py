@@ -205,20 +205,21 @@ def _time_block_variants(variants: dict[str, Callable], hidden: int, tokens: lis
 
 def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, style: str,
              tokens: Iterable[int], calls: int, replays: int, progress: Callable[[], None],
-             compile_sizes: Sequence[int] = ()) -> tuple[list[dict], list[str]]:
-    """Rows of level ``hf_<style>``: ``LlamaModel(input_ids=[1, n])``, bf16, heads of 128, 8 KV heads
-    (Llama 3: at least one per rank up to TP=8)."""
+             compile_sizes: Sequence[int] = (), attention: str = "sdpa") -> tuple[list[dict], list[str]]:
+    """Rows of level ``hf_<style>`` (``hf_<style>_<attention>`` unless ``sdpa``):
+    ``LlamaModel(input_ids=[1, n])``, bf16, heads of 128, 8 KV heads (Llama 3: at least one per rank
+    up to TP=8)."""
     from rangedispatch.bench import hf_models
 
     tokens = list(tokens)
     max_n = max(tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = hf_models.build("llama", hidden, intermediate, layers, heads=max(hidden // 128, 8), kv_heads=8, vocab=32000,
-                            dtype=torch.bfloat16, device=device)
+                            dtype=torch.bfloat16, device=device, attention=attention)
     model = hf_models.tensor_parallel(model, style)
     dispatch = range_dispatch_variants(model, cfg, max_n, compile_sizes)
     variants: dict[str, Callable] = {"torch_compile": torch.compile(model), **dispatch}
-    level = f"hf_{style}"
+    level = f"hf_{style}" + ("" if attention == "sdpa" else f"_{attention}")
 
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, 32000, (1, n), device=device, generator=torch.Generator(device).manual_seed(n))

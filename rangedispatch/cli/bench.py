@@ -72,7 +72,8 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         for hidden, intermediate in bench.hf_shapes:
             for style in bench.hf_tp:
                 r, _ = suites.hf_level(lib, hidden, intermediate, bench.model_layers, style, bench.hf_tokens,
-                                       bench.calls_per_graph, bench.replays, step, bench.compile_sizes)
+                                       bench.calls_per_graph, bench.replays, step, bench.compile_sizes,
+                                       bench.hf_attention)
                 keep(r)
     info = dict(card=torch.cuda.get_device_name() if cuda else f"CPU smoke run ({platform.processor() or 'cpu'})",
                 world_size=world, torch=torch.__version__,

@@ -46,3 +46,27 @@ def test_hf_model_any_first_call_with_and_without_mask(family, dtype_name):
     assert calls == {"[1,8]": 4, "[9,512]": 5}
     # graphs: (batch 1, seq 1) and (batch 1, any seq), each with and without a mask, and any batch
     assert len(m.graphs) <= 6 and sum(g.is_symbolic for g in m.graphs) >= 3
+
+
+def test_bench_attention_sdpa_is_causal_equals_sdpa_without_a_mask_tensor():
+    """The benchmark's ``sdpa_is_causal`` attention: same output as HF's SDPA for input_ids alone,
+    SDPA called with is_causal=True and no mask under torch.compile, and refused where it would differ."""
+    from rangedispatch.bench import hf_models
+
+    causal, plain = (hf_models.build("llama", 32, 64, attention=a) for a in ("sdpa_is_causal", "sdpa"))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    kwargs = inputs(1, 9, mask=False)
+    with torch.no_grad():
+        got = torch.compile(causal, backend=backend, dynamic=True)(**kwargs).last_hidden_state
+        torch.testing.assert_close(got, plain(**kwargs).last_hidden_state)
+        sdpa = [n for n in graphs[0].graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+        assert len(sdpa) == 2 and all(n.kwargs["is_causal"] and n.kwargs["attn_mask"] is None for n in sdpa)
+        with pytest.raises(ValueError, match="attention=sdpa_is_causal: only for calls with input_ids alone"):
+            causal(**inputs(1, 9, mask=True))
+    with pytest.raises(ValueError, match="attention=sdpa_is_causal: gemma2 has sliding-window layers"):
+        hf_models.build("gemma2", 32, 64, attention="sdpa_is_causal")
