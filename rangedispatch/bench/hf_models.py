@@ -72,9 +72,9 @@ def _sdpa_is_causal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 def _no_mask_tensor(*, q_length: int, kv_length: int, q_offset: int, attention_mask: object, **_: object) -> None:
     """The mask of ``sdpa_is_causal``: none, for the calls where SDPA's ``is_causal`` is the same."""
     if attention_mask is not None or kv_length != q_length or (isinstance(q_offset, int) and q_offset):
-        raise ValueError("attention=sdpa_is_causal: only for calls with input_ids alone (no attention_mask, "
-                         f"no KV cache); got a mask: {attention_mask is not None}, {q_length} queries over "
-                         f"{kv_length} keys")
+        given = "an attention_mask" if attention_mask is not None else f"{q_length} queries over {kv_length} keys"
+        raise ValueError(f"attention=sdpa_is_causal: only for calls with input_ids alone (no attention_mask, "
+                         f"no KV cache); this call has {given}")
 
 
 def tensor_parallel(model: nn.Module, style: str) -> nn.Module:
