@@ -38,11 +38,12 @@ class BenchConfig:
     hf_shapes: list[list[int]] = field(default_factory=lambda: [[4096, 14336], [8192, 28672]])
     hf_tp: list[str] = field(default_factory=lambda: ["handwritten", "dtensor"])
     hf_tokens: list[int] = field(default_factory=lambda: [1, 32, 128, 512, 2048, 8192])
-    # HF level: how attention calls SDPA (rangedispatch/bench/hf_models.py). "sdpa": as the
-    # installed transformers does (on torch 2.11 or transformers 5.17, under torch.compile, with a
-    # causal mask tensor, so no flash kernel); "sdpa_is_causal": is_causal=True and no mask tensor,
-    # as transformers 5.24 on torch 2.13 runs it. Level names get the suffix "_sdpa_is_causal".
-    hf_attention: str = "sdpa"
+    # HF level: the attention (rangedispatch/bench/hf_models.py). "hf_default": as the installed
+    # transformers picks it (SDPA for Llama; on torch 2.11 or transformers 5.17, under torch.compile,
+    # with a causal mask tensor, so no flash kernel); "sdpa_is_causal": SDPA with is_causal=True and
+    # no mask tensor, as transformers 5.24 on torch 2.13 runs it. Level names get the suffix
+    # "_sdpa_is_causal".
+    hf_attention: str = "hf_default"
     # Model and HF levels: when set, range dispatch is also timed with these token counts as graphs
     # of their own (dispatch.compile_sizes, autotuned as compile.max_autotune says), as the variant
     # range_dispatch_sizes. Range-dispatch rows record their range's compile seconds either way.

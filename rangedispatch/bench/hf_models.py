@@ -8,11 +8,11 @@ weights, no downloads), and tensor parallelism the two ways people write it:
   torchtitan and HF's ``tp_plan``; ``dtensor_output`` keeps the row-parallel outputs DTensors
   (``use_local_output=False``), with the layers' inputs and norms replicated to match.
 
-Attention runs through SDPA in one of two ways (``ATTENTIONS``):
+Attention runs in one of two ways (``ATTENTIONS``):
 
-- ``sdpa``: as the installed transformers does it. Under ``torch.compile`` with torch 2.11 or
-  transformers 5.17, HF builds the causal mask as a tensor, and SDPA with a mask tensor cannot use
-  its flash kernel;
+- ``hf_default``: as the installed transformers picks it (SDPA for Llama; eager for Gemma2, whose
+  soft-capping SDPA lacks). Under ``torch.compile`` with torch 2.11 or transformers 5.17, HF builds
+  the causal mask for SDPA as a tensor, and SDPA with a mask tensor cannot use its flash kernel;
 - ``sdpa_is_causal``: SDPA with ``is_causal=True`` and no mask tensor, what transformers 5.24 with
   torch 2.13 runs under ``torch.compile`` (checked on CPU). The same result for calls with
   ``input_ids`` only, the benchmark's; an attention mask, a KV cache or sliding-window layers are
@@ -27,14 +27,14 @@ from torch import nn
 
 FAMILIES = ("llama", "qwen2", "gemma2", "phi3")
 TP_STYLES = ("handwritten", "dtensor", "dtensor_output")
-ATTENTIONS = ("sdpa", "sdpa_is_causal")
+ATTENTIONS = ("hf_default", "sdpa_is_causal")
 COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: int = 4, kv_heads: int = 2,
           vocab: int = 128, dtype: torch.dtype = torch.float32, device: str = "cpu",
-          attention: str = "sdpa") -> nn.Module:
+          attention: str = "hf_default") -> nn.Module:
     """A ``<Family>Model`` (the decoder stack, no LM head) with seed-0 random weights, its attention
     one of ``ATTENTIONS``."""
     import transformers
@@ -54,11 +54,13 @@ def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: i
                         vocab_size=vocab, max_position_embeddings=32768, pad_token_id=0)
     if attention == "sdpa_is_causal" and getattr(config, "sliding_window", None):
         raise ValueError(f"attention=sdpa_is_causal: {family} has sliding-window layers "
-                         f"(sliding_window={config.sliding_window}), whose mask is_causal does not give; use sdpa")
+                         f"(sliding_window={config.sliding_window}), whose mask is_causal does not give; "
+                         "use hf_default")
     torch.manual_seed(0)
     with torch.device(device):
         model = model_cls(config).to(dtype).eval()
-    model.config._attn_implementation = attention
+    if attention == "sdpa_is_causal":
+        model.config._attn_implementation = attention
     return model
 
 

@@ -205,8 +205,8 @@ def _time_block_variants(variants: dict[str, Callable], hidden: int, tokens: lis
 
 def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: int, style: str,
              tokens: Iterable[int], calls: int, replays: int, progress: Callable[[], None],
-             compile_sizes: Sequence[int] = (), attention: str = "sdpa") -> tuple[list[dict], list[str]]:
-    """Rows of level ``hf_<style>`` (``hf_<style>_<attention>`` unless ``sdpa``):
+             compile_sizes: Sequence[int] = (), attention: str = "hf_default") -> tuple[list[dict], list[str]]:
+    """Rows of level ``hf_<style>`` (``hf_<style>_<attention>`` unless ``hf_default``):
     ``LlamaModel(input_ids=[1, n])``, bf16, heads of 128, 8 KV heads (Llama 3: at least one per rank
     up to TP=8)."""
     from rangedispatch.bench import hf_models
@@ -219,7 +219,7 @@ def hf_level(cfg: RangeDispatchConfig, hidden: int, intermediate: int, layers: i
     model = hf_models.tensor_parallel(model, style)
     dispatch = range_dispatch_variants(model, cfg, max_n, compile_sizes)
     variants: dict[str, Callable] = {"torch_compile": torch.compile(model), **dispatch}
-    level = f"hf_{style}" + ("" if attention == "sdpa" else f"_{attention}")
+    level = f"hf_{style}" + ("" if attention == "hf_default" else f"_{attention}")
 
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, 32000, (1, n), device=device, generator=torch.Generator(device).manual_seed(n))

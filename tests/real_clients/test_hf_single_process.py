@@ -53,7 +53,7 @@ def test_bench_attention_sdpa_is_causal_equals_sdpa_without_a_mask_tensor():
     SDPA called with is_causal=True and no mask under torch.compile, and refused where it would differ."""
     from rangedispatch.bench import hf_models
 
-    causal, plain = (hf_models.build("llama", 32, 64, attention=a) for a in ("sdpa_is_causal", "sdpa"))
+    causal, plain = (hf_models.build("llama", 32, 64, attention=a) for a in ("sdpa_is_causal", "hf_default"))
     graphs = []
 
     def backend(gm, example_inputs):
