@@ -21,9 +21,12 @@ these forms:
 - ``micro_batch_*_high_priority``: the same, the collectives on a high-priority stream, whose
   kernels (NCCL's, or the add and the barriers) get the next free SMs ahead of the matmuls' waiting
   blocks;
+- ``micro_batch_nccl_ctas_N_high_priority``: the same on an NCCL group capped at N CTAs per
+  collective (``ncclConfig_t.maxCTAs``): a slower all-reduce that leaves more SMs to the matmul it
+  runs under;
 - ``column_chunks_C_*_high_priority``: the down projection in C column chunks, each chunk's
-  all-reduce (NCCL, or the copy engines) under the next chunk's matmul; only the last chunk's is
-  exposed, and the matmuls keep all their rows.
+  all-reduce (NCCL, NCCL capped at N CTAs, or the copy engines) under the next chunk's matmul; only
+  the last chunk's is exposed, and the matmuls keep all their rows.
 
 FORM names the forms to time (all by default); ``nccl``, the reference, always runs. Every form's
 output is checked against ``nccl``'s. Token counts must be multiples of 2 x WORLD (the
@@ -48,6 +51,7 @@ from rangedispatch.cli.launch import spawn_ranks
 
 HIDDEN, INTERMEDIATE, LAYERS = 8192, 28672, 2
 COLUMN_CHUNKS = (2, 4)
+NCCL_CTAS = (4, 8, 16)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -156,10 +160,14 @@ class CopyEngineAllReduce:
         return self.out
 
 
-def _high_priority_nccl_group() -> dist.ProcessGroup:
-    """A second NCCL group whose kernels run on a high-priority stream (all ranks call this)."""
+def _high_priority_nccl_group(max_ctas: int | None = None) -> dist.ProcessGroup:
+    """Another NCCL group whose kernels run on a high-priority stream, at most ``max_ctas`` CTAs per
+    collective if given (all ranks call this)."""
     options = dist.ProcessGroupNCCL.Options()
     options.is_high_priority_stream = True
+    if max_ctas is not None:
+        options.config.min_ctas = 1
+        options.config.max_ctas = max_ctas
     return dist.new_group(backend="nccl", pg_options=options)
 
 
@@ -179,6 +187,7 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
     column_copy_engine = {c: [CopyEngineAllReduce(group_name, rank, world, max_tokens, HIDDEN // c, side=high)
                               for _ in range(c)] for c in COLUMN_CHUNKS}
     high_priority_group = _high_priority_nccl_group()
+    capped_groups = {n: _high_priority_nccl_group(n) for n in NCCL_CTAS}
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, **cuda_bf16)
@@ -269,8 +278,8 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
             torch.mm(act, weight, out=engines[i].partial_out(act.shape[0]))
             engines[i].start(act.shape[0])
 
-        def high_nccl_start(i, act, weight=down):
-            nccl_start(i, act, weight, high_priority_group)
+        def high_nccl_start(i, act, weight=down, group=high_priority_group):
+            nccl_start(i, act, weight, group)
 
         forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_sequence_parallel": nccl_sequence_parallel,
                  "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form,
@@ -279,6 +288,10 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
         for prio, engines in copy_engine.items():
             forms["micro_batch_copy_engine" + ("" if prio == "default" else "_high_priority")] = (
                 lambda engines=engines: micro_batch(partial(copy_engine_start, engines), lambda i: engines[i].finish()))
+        for n, group in capped_groups.items():
+            capped_start = partial(high_nccl_start, group=group)
+            forms[f"micro_batch_nccl_ctas_{n}_high_priority"] = partial(micro_batch, capped_start, nccl_finish)
+            forms[f"column_chunks_2_nccl_ctas_{n}_high_priority"] = partial(column_chunks, 2, capped_start, nccl_finish)
         for c, engines in column_copy_engine.items():
             forms[f"column_chunks_{c}_nccl_high_priority"] = partial(column_chunks, c, high_nccl_start, nccl_finish)
             forms[f"column_chunks_{c}_copy_engine_high_priority"] = partial(
