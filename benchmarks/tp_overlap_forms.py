@@ -24,6 +24,10 @@ these forms:
 - ``micro_batch_nccl_ctas_N_high_priority``: the same on an NCCL group capped at N CTAs per
   collective (``ncclConfig_t.maxCTAs``): a slower all-reduce that leaves more SMs to the matmul it
   runs under;
+- ``matmul_push_all_reduce``: the down projection as a Triton GEMM whose epilogue stores each
+  output tile into every rank's symmetric buffer, then a barrier and one kernel that sums the ranks'
+  slots, adds the residual and normalizes (``matmul_push_allreduce.py``); ``triton_matmul_nccl`` is
+  the same GEMM into a local tensor followed by ``nccl``'s all-reduce, the GEMM's own cost;
 - ``column_chunks_C_*_high_priority``: the down projection in C column chunks, each chunk's
   all-reduce (NCCL, NCCL capped at N CTAs, or the copy engines) under the next chunk's matmul; only
   the last chunk's is exposed, and the matmuls keep all their rows.
@@ -46,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from matmul_push_allreduce import MatmulPushAllReduce, triton_matmul
 from rangedispatch.bench.timing import time_us
 from rangedispatch.cli.launch import spawn_ranks
 
@@ -188,6 +193,7 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
                               for _ in range(c)] for c in COLUMN_CHUNKS}
     high_priority_group = _high_priority_nccl_group()
     capped_groups = {n: _high_priority_nccl_group(n) for n in NCCL_CTAS}
+    push = MatmulPushAllReduce(group_name, rank, world, max_tokens, HIDDEN)
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, **cuda_bf16)
@@ -200,10 +206,10 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
                 h = (F.silu(h @ gate) * (h @ up)) @ down
             return h
 
-        def nccl():
+        def nccl(matmul=torch.mm):
             h = residual = x
             for _ in range(LAYERS):
-                y = (F.silu(h @ gate) * (h @ up)) @ down
+                y = matmul(F.silu(h @ gate) * (h @ up), down)
                 dist.all_reduce(y)
                 residual = y + residual
                 h = rms_norm(residual, norm_weight)
@@ -236,6 +242,12 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
                 residual = two_stage.matmul_reduce_scatter(F.silu(g) * u, down) + residual
                 h = rms_norm(residual, norm_weight)
             return h
+
+        def matmul_push_all_reduce():
+            h = residual = x
+            for layer in range(LAYERS):
+                h, residual = push(F.silu(h @ gate) * (h @ up), down, residual, norm_weight, layer % 2)
+            return h[own]
 
         def micro_batch(start, finish):
             """Two halves of the tokens; each half's all-reduce runs under the other half's matmuls."""
@@ -283,6 +295,7 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
 
         forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_sequence_parallel": nccl_sequence_parallel,
                  "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form,
+                 "triton_matmul_nccl": partial(nccl, triton_matmul), "matmul_push_all_reduce": matmul_push_all_reduce,
                  "micro_batch_nccl": lambda: micro_batch(nccl_start, nccl_finish),
                  "micro_batch_nccl_high_priority": lambda: micro_batch(high_nccl_start, nccl_finish)}
         for prio, engines in copy_engine.items():
