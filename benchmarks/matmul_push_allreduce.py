@@ -12,23 +12,28 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+def _set_block_shapes(nargs: dict) -> None:
+    """The TMA descriptors' block shapes follow the configuration being run."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
 
 _CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=4),
+    triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8), num_warps=w, num_stages=st,
+                  pre_hook=_set_block_shapes)
+    for bm, bn, w, st in ((128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (128, 128, 4, 4), (256, 128, 8, 3))
 ]
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "DESTS"])
 @triton.jit
-def _matmul_push_kernel(a_ptr, b_ptr, dest_ptrs, M, N, K, slot_offset, stride_am, stride_bk,
-                        RANK: tl.constexpr, DESTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = A @ B (row-major A [M, K], B [K, N]; K a multiple of BLOCK_K), each tile of C stored at
-    ``slot_offset`` in each of the DESTS buffers whose addresses ``dest_ptrs`` holds, the next
-    rank's first."""
+def _matmul_push_kernel(a_desc, b_desc, dests, M, N, K, slot_offset, RANK: tl.constexpr, DESTS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = A @ B (TMA loads), each tile of C stored at ``slot_offset`` of each of the DESTS buffers
+    in the tuple ``dests``, the next rank's first. Tensor arguments rather than loaded addresses, so
+    that Triton knows their alignment and vectorizes the stores."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * tiles_n
@@ -36,22 +41,16 @@ def _matmul_push_kernel(a_ptr, b_ptr, dest_ptrs, M, N, K, slot_offset, stride_am
     rows_in_group = min(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        acc = tl.dot(a_desc.load([pid_m * BLOCK_M, k * BLOCK_K]), b_desc.load([k * BLOCK_K, pid_n * BLOCK_N]), acc)
+    c = acc.to(tl.bfloat16)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a = a_ptr + (offs_m % M)[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + (offs_n % N)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, tl.cdiv(K, BLOCK_K)):
-        acc = tl.dot(tl.load(a), tl.load(b), acc)
-        a += BLOCK_K
-        b += BLOCK_K * stride_bk
-    c = acc.to(tl.bfloat16)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offs_c = slot_offset + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     for i in tl.static_range(DESTS):
-        dest = tl.load(dest_ptrs + (RANK + 1 + i) % DESTS).to(tl.pointer_type(tl.bfloat16))
-        tl.store(dest + offs_c, c, mask=mask)
+        tl.store(dests[(RANK + 1 + i) % DESTS] + offs_c, c, mask=mask)
 
 
 @triton.jit
@@ -74,24 +73,22 @@ def _sum_add_rms_norm_kernel(slots_ptr, residual_ptr, weight_ptr, residual_out_p
     tl.store(out_ptr + row + cols, (rf * inv_rms * w).to(tl.bfloat16), mask=mask)
 
 
-def matmul_push(a: torch.Tensor, b: torch.Tensor, dest_ptrs: torch.Tensor, slot_offset: int, rank: int) -> None:
-    """``a @ b`` stored at ``slot_offset`` (elements) of each buffer in ``dest_ptrs`` (int64 addresses)."""
+def matmul_push(a: torch.Tensor, b: torch.Tensor, dests: tuple[torch.Tensor, ...], slot_offset: int, rank: int) -> None:
+    """``a @ b`` (bf16, row-major) stored at ``slot_offset`` (elements) of each tensor in ``dests``."""
     (m, k), n = a.shape, b.shape[1]
-    if a.stride(1) != 1 or b.stride(1) != 1 or k % 64:
-        raise ValueError(f"matmul_push: a {tuple(a.shape)} and b {tuple(b.shape)} must be row-major, K a multiple of 64")
-    dests = dest_ptrs.numel()
+    # the block shapes are placeholders until the configuration's pre-hook sets them
+    a_desc, b_desc = TensorDescriptor.from_tensor(a, [64, 64]), TensorDescriptor.from_tensor(b, [64, 64])
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _matmul_push_kernel[grid](a, b, dest_ptrs, m, n, k, slot_offset, a.stride(0), b.stride(0),
-                              RANK=rank % dests, DESTS=dests)
+    _matmul_push_kernel[grid](a_desc, b_desc, dests, m, n, k, slot_offset, RANK=rank % len(dests), DESTS=len(dests))
 
 
 def triton_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The same GEMM into a local tensor: the kernel's speed without the pushes."""
     out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=torch.bfloat16)
-    matmul_push(a, b, torch.tensor([out.data_ptr()], device=a.device, dtype=torch.int64), 0, 0)
+    matmul_push(a, b, (out,), 0, 0)
     return out
 
 
@@ -117,15 +114,13 @@ class MatmulPushAllReduce:
         self.rank, self.world, self.cols = rank, world, cols
         self.buffers = [symm_mem.empty(world * max_rows * cols, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
         self.handles = [symm_mem.rendezvous(b, group_name) for b in self.buffers]
-        self.dest_ptrs = [
-            torch.tensor([h.get_buffer(p, (1,), torch.bfloat16, 0).data_ptr() for p in range(world)],
-                         device="cuda", dtype=torch.int64)
-            for h in self.handles]
+        self.dests = [tuple(h.get_buffer(p, (world * max_rows * cols,), torch.bfloat16, 0) for p in range(world))
+                      for h in self.handles]
 
     def __call__(self, act: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                  norm_weight: torch.Tensor, parity: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = act.shape[0]
-        matmul_push(act, weight, self.dest_ptrs[parity], self.rank * rows * self.cols, self.rank)
+        matmul_push(act, weight, self.dests[parity], self.rank * rows * self.cols, self.rank)
         self.handles[parity].barrier(channel=0)
         slots = self.buffers[parity][:self.world * rows * self.cols].view(self.world, rows, self.cols)
         return sum_add_rms_norm(slots, residual, norm_weight)
