@@ -7,6 +7,8 @@ these forms:
 
 - ``matmuls_only``: the matmuls and the SiLU, no communication (the floor);
 - ``nccl``: NCCL all-reduce after the down projection (what torch.compile runs);
+- ``nccl_fused_norm``: the same all-reduce, then the residual add and the norm in one kernel (the one
+  ``matmul_push_all_reduce`` ends with), as torch.compile fuses them;
 - ``nccl_sequence_parallel``: NCCL reduce-scatter, the add and norm on this rank's tokens, NCCL
   all-gather before the next gate/up;
 - ``torch_symm_mem``: PyTorch's ``fused_all_gather_matmul`` / ``fused_matmul_reduce_scatter``
@@ -50,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from matmul_push_allreduce import MatmulPushAllReduce, triton_matmul
+from matmul_push_allreduce import MatmulPushAllReduce, sum_add_rms_norm, triton_matmul
 from rangedispatch.bench.timing import time_us
 from rangedispatch.cli.launch import spawn_ranks
 
@@ -215,6 +217,14 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
                 h = rms_norm(residual, norm_weight)
             return h[own]
 
+        def nccl_fused_norm():
+            h = residual = x
+            for _ in range(LAYERS):
+                y = (F.silu(h @ gate) * (h @ up)) @ down
+                dist.all_reduce(y)
+                h, residual = sum_add_rms_norm(y[None], residual, norm_weight)
+            return h[own]
+
         def nccl_sequence_parallel():
             h = residual = x[own]
             for _ in range(LAYERS):
@@ -293,7 +303,8 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
         def high_nccl_start(i, act, weight=down, group=high_priority_group):
             nccl_start(i, act, weight, group)
 
-        forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_sequence_parallel": nccl_sequence_parallel,
+        forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_fused_norm": nccl_fused_norm,
+                 "nccl_sequence_parallel": nccl_sequence_parallel,
                  "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form,
                  "triton_matmul_nccl": partial(nccl, triton_matmul), "matmul_push_all_reduce": matmul_push_all_reduce,
                  "micro_batch_nccl": lambda: micro_batch(nccl_start, nccl_finish),
