@@ -30,6 +30,10 @@ these forms:
   output tile into every rank's symmetric buffer, then a barrier and one kernel that sums the ranks'
   slots, adds the residual and normalizes (``matmul_push_allreduce.py``); ``triton_matmul_nccl`` is
   the same GEMM into a local tensor followed by ``nccl``'s all-reduce, the GEMM's own cost;
+- ``matmul_push_sequence_parallel``: the same GEMM storing each tile only in the buffer of the rank
+  that owns its rows (a reduce-scatter), the sum, add and norm on those rows, and the norm's output
+  stored into every rank's buffer (an all-gather) for the next gate/up; token counts multiples of
+  256 x WORLD;
 - ``column_chunks_C_*_high_priority``: the down projection in C column chunks, each chunk's
   all-reduce (NCCL, NCCL capped at N CTAs, or the copy engines) under the next chunk's matmul; only
   the last chunk's is exposed, and the matmuls keep all their rows.
@@ -52,7 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from matmul_push_allreduce import MatmulPushAllReduce, sum_add_rms_norm, triton_matmul
+from matmul_push_allreduce import MatmulPushAllReduce, MatmulPushSequenceParallel, sum_add_rms_norm, triton_matmul
 from rangedispatch.bench.timing import time_us
 from rangedispatch.cli.launch import spawn_ranks
 
@@ -196,6 +200,7 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
     high_priority_group = _high_priority_nccl_group()
     capped_groups = {n: _high_priority_nccl_group(n) for n in NCCL_CTAS}
     push = MatmulPushAllReduce(group_name, rank, world, max_tokens, HIDDEN)
+    push_sp = MatmulPushSequenceParallel(group_name, rank, world, max_tokens, HIDDEN)
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, **cuda_bf16)
@@ -259,6 +264,12 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
                 h, residual = push(F.silu(h @ gate) * (h @ up), down, residual, norm_weight, layer % 2)
             return h[own]
 
+        def matmul_push_sequence_parallel():
+            h, residual = x, x[own].contiguous()
+            for _ in range(LAYERS):
+                h, residual = push_sp(F.silu(h @ gate) * (h @ up), down, residual, norm_weight)
+            return h[own]
+
         def micro_batch(start, finish):
             """Two halves of the tokens; each half's all-reduce runs under the other half's matmuls."""
             halves = [slice(0, tokens // 2), slice(tokens // 2, tokens)]
@@ -307,6 +318,7 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
                  "nccl_sequence_parallel": nccl_sequence_parallel,
                  "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form,
                  "triton_matmul_nccl": partial(nccl, triton_matmul), "matmul_push_all_reduce": matmul_push_all_reduce,
+                 "matmul_push_sequence_parallel": matmul_push_sequence_parallel,
                  "micro_batch_nccl": lambda: micro_batch(nccl_start, nccl_finish),
                  "micro_batch_nccl_high_priority": lambda: micro_batch(high_nccl_start, nccl_finish)}
         for prio, engines in copy_engine.items():
