@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+
 def _set_block_shapes(nargs: dict) -> None:
     """The TMA descriptors' block shapes follow the configuration being run."""
     nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
