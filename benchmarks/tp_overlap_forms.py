@@ -213,21 +213,19 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
                 h = (F.silu(h @ gate) * (h @ up)) @ down
             return h
 
-        def nccl(matmul=torch.mm):
+        def eager_add_norm(y, residual):
+            residual = y + residual
+            return rms_norm(residual, norm_weight), residual
+
+        def fused_add_norm(y, residual):
+            return sum_add_rms_norm(y[None], residual, norm_weight)
+
+        def nccl(matmul=torch.mm, add_norm=eager_add_norm):
             h = residual = x
             for _ in range(LAYERS):
                 y = matmul(F.silu(h @ gate) * (h @ up), down)
                 dist.all_reduce(y)
-                residual = y + residual
-                h = rms_norm(residual, norm_weight)
-            return h[own]
-
-        def nccl_fused_norm():
-            h = residual = x
-            for _ in range(LAYERS):
-                y = (F.silu(h @ gate) * (h @ up)) @ down
-                dist.all_reduce(y)
-                h, residual = sum_add_rms_norm(y[None], residual, norm_weight)
+                h, residual = add_norm(y, residual)
             return h[own]
 
         def nccl_sequence_parallel():
@@ -314,7 +312,7 @@ def _rank(rank: int, world: int, token_counts: list[int], only: list[str]) -> li
         def high_nccl_start(i, act, weight=down, group=high_priority_group):
             nccl_start(i, act, weight, group)
 
-        forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_fused_norm": nccl_fused_norm,
+        forms = {"matmuls_only": matmuls_only, "nccl": nccl, "nccl_fused_norm": partial(nccl, add_norm=fused_add_norm),
                  "nccl_sequence_parallel": nccl_sequence_parallel,
                  "torch_symm_mem": torch_symm_mem, "two_stage": two_stage_form,
                  "triton_matmul_nccl": partial(nccl, triton_matmul), "matmul_push_all_reduce": matmul_push_all_reduce,
