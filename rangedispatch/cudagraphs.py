@@ -1,10 +1,11 @@
 """CUDA graphs per token count: ``dispatch.cudagraph_sizes``.
 
 A call of ``n`` tokens whose range holds a captured size ``s >= n`` copies its inputs into that
-graph's static buffers (the first ``n`` rows along the token dim), replays, and gets the outputs
-sliced back to ``n`` rows. Outputs are views of the graph's static buffers, as in vLLM: the next
-replay of the same size overwrites them. Graphs share one memory pool, captured largest first at
-``warmup``.
+graph's static buffers (the first ``n`` rows along the padded token dim), replays, and gets the
+outputs sliced back to ``n`` rows. Outputs are views of the graph's static buffers, as in vLLM: the
+next replay of the same size overwrites them. Graphs share one memory pool. The padded dim is the
+call's one token dim larger than 1 (``[1, seq]`` prefill pads the sequence, ``[batch, 1]`` decode
+the batch); a call with several token dims larger than 1 only uses a graph of exactly its size.
 
 Padding is exact only for computations that treat tokens independently or causally (MLPs, norms,
 TP collectives, causal attention with the padding at the end). Bidirectional attention, a softmax
@@ -14,6 +15,15 @@ each size is compared once with the unpadded call; if the real rows differ, it r
 A replay checks what Dynamo's guards would: the call's argument structure, its non-tensor values,
 and each tensor's dtype, device and non-token sizes must be those captured. A call that differs
 runs without the graph (said once).
+
+Stateful arguments (objects that hold tensors, such as a KV cache) are captured by reference: the
+graph reads and writes their tensors in place. That is only right while those tensors stay where
+they were, so such an object must say so (``is_compileable = True``, as Hugging Face's static
+caches do); a call with any other such object runs without graphs (said once: a dynamic cache
+reallocates its tensors every step). A graph is captured for exactly the call's size (a cache
+has a fixed batch), by running the call itself three times (two warm-up runs, then the capture):
+it must write the same values each time, as a static cache's update of the same rows does. A new
+object in the same place (a new cache for the next ``generate``) is captured again.
 """
 
 from __future__ import annotations
@@ -32,6 +42,40 @@ from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
 
+_PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _holds_tensors(obj: Any, depth: int = 3) -> bool:
+    """Whether an argument object reaches tensors through its attributes, lists or dicts."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0 or isinstance(obj, _PLAIN_VALUES):
+        return False
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensors(v, depth - 1) for v in obj)
+    if isinstance(obj, dict):
+        return any(_holds_tensors(v, depth - 1) for v in obj.values())
+    return any(_holds_tensors(v, depth - 1) for v in getattr(obj, "__dict__", {}).values())
+
+
+def _stateful(leaf: Any) -> bool:
+    return not isinstance(leaf, (torch.Tensor, *_PLAIN_VALUES)) and _holds_tensors(leaf)
+
+
+def stateful_leaves(leaves: Sequence[Any]) -> list:
+    """The argument objects that hold tensors (state the model may update, such as a KV cache)."""
+    return [leaf for leaf in leaves if _stateful(leaf)]
+
+
+def moving_state(stateful: Sequence[Any]) -> Optional[str]:
+    """Why a call with these stateful arguments cannot use CUDA graphs, or None."""
+    for leaf in stateful:
+        if getattr(leaf, "is_compileable", False) is not True:
+            return (f"an argument is a {type(leaf).__name__} holding tensors that may move between calls (it does not "
+                    "declare is_compileable=True); CUDA graphs need static state, e.g. Hugging Face's static cache "
+                    "(cache_implementation='static')")
+    return None
+
 
 @dataclass
 class CapturedCall:
@@ -42,37 +86,45 @@ class CapturedCall:
 
 
 class CapturedInputs:
-    """The static input buffers of one captured graph, and what a call must match to use them."""
+    """The static input buffers of one captured graph, and what a call must match to use them.
+    ``pad_dim`` is the token dim padded from ``n`` to ``s`` rows (None: the call's own size)."""
 
-    def __init__(self, args: tuple, kwargs: dict, token_dim: int, n: int, s: int):
+    def __init__(self, args: tuple, kwargs: dict, pad_dim: Optional[int], n: int, s: int):
         leaves, self.spec = pytree.tree_flatten((args, kwargs))
-        self.token_dim, self.size = token_dim, s
-        self.buffers: list = []  # per leaf: its static buffer (tensors) or value
-        self.token_leaf: list[bool] = []  # per leaf: does it carry the token dim
+        self.pad_dim, self.size = pad_dim, s
+        self.buffers: list = []  # per leaf: its static buffer (tensors) or value (objects by reference)
+        self.token_leaf: list[bool] = []  # per leaf: does it carry the padded token dim
         for leaf in leaves:
-            token = _carries_tokens(leaf, token_dim, n)
+            token = pad_dim is not None and _carries_tokens(leaf, pad_dim, n)
             if token:
-                buf = _resized(leaf, token_dim, n, s)
+                buf = _resized(leaf, pad_dim, n, s)
             elif isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter):
                 buf = leaf.clone()
             else:
                 buf = leaf
             self.buffers.append(buf)
             self.token_leaf.append(token)
+        self.stateful = [i for i, leaf in enumerate(leaves) if _stateful(leaf)]
 
     def call_inputs(self) -> tuple[tuple, dict]:
         return pytree.tree_unflatten(self.buffers, self.spec)
+
+    def new_state(self, leaves: list) -> bool:
+        """Whether the call passes another object where a stateful one was captured."""
+        return any(leaves[i] is not self.buffers[i] for i in self.stateful)
 
     def mismatch(self, leaves: list, spec: Any, n: int) -> Optional[str]:
         """Why a call of ``n`` tokens (flattened: ``leaves``, ``spec``) cannot replay into these
         buffers, or None."""
         if spec != self.spec:
             return "the call's arguments differ from the captured call's (keywords, nesting or count)"
-        d = self.token_dim
+        d = self.pad_dim
         for i, (buf, live, token) in enumerate(zip(self.buffers, leaves, self.token_leaf)):
             if isinstance(buf, torch.Tensor) != isinstance(live, torch.Tensor):
                 return f"input {i} is a {type(live).__name__}; a {type(buf).__name__} was captured"
             if not isinstance(buf, torch.Tensor):
+                if i in self.stateful:
+                    continue  # by reference: new_state() decides
                 if type(buf) is not type(live) or buf != live:
                     return f"input {i} is {live!r}; {buf!r} was captured"
                 continue
@@ -86,7 +138,7 @@ class CapturedInputs:
         return None
 
     def copy_in(self, leaves: list, n: int) -> None:
-        d = self.token_dim
+        d = self.pad_dim
         for buf, live, token in zip(self.buffers, leaves, self.token_leaf):
             if token:
                 buf.narrow(d, 0, n).copy_(live)
@@ -110,18 +162,27 @@ def release_cuda_graphs() -> int:
     return freed
 
 
+def pad_dim(x: torch.Tensor, dims: Sequence[int], n: int, s: int) -> Optional[int]:
+    """The token dim a call of ``n`` tokens pads to ``s`` (-1: none needed; None: ambiguous)."""
+    if n == s:
+        return -1
+    larger = [d for d in dims if x.shape[d] != 1]
+    if len(larger) > 1:
+        return None
+    return larger[0] if larger else dims[0]
+
+
 class CudaGraphRunner:
-    """Captures and replays one CUDA graph per configured size."""
+    """Captures and replays one CUDA graph per configured size (and padded token-input shape)."""
 
     MISMATCH = object()  # replay's answer when the call cannot use the graph: run it without
 
-    def __init__(self, sizes: Sequence[int], token_dim: int, run: Callable[[Range, tuple, dict], Any]):
+    def __init__(self, sizes: Sequence[int], run: Callable[[Range, tuple, dict], Any]):
         self.sizes = sorted(sizes)
-        self.token_dim = token_dim
         self.run = run  # runs the model for a range, outside any graph
-        self.captured: dict[int, CapturedCall] = {}
+        self.captured: dict[tuple, CapturedCall] = {}  # (size, padded token-input shape) -> graph
         self.pool: Any = None
-        self.warned = False
+        self.said: set[str] = set()
         _RUNNERS.add(self)
 
     def size_for(self, r: Range, n: int) -> Optional[int]:
@@ -131,26 +192,46 @@ class CudaGraphRunner:
             return self.sizes[i]
         return None
 
-    def replay(self, r: Range, s: int, n: int, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        call = self.captured.get(s)
-        if call is None:
-            call = self.capture(r, s, x, args, kwargs)
+    def replay(self, r: Range, s: int, n: int, x: torch.Tensor, dims: Sequence[int], args: tuple, kwargs: dict) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        stateful = stateful_leaves(leaves)
+        d = pad_dim(x, dims, n, s)
+        reason = moving_state(stateful)
+        if reason is None and d is None:
+            reason = f"{n} tokens over several token dims {tuple(x.shape)} cannot be padded to {s}"
+        if reason is None and stateful and n != s:
+            reason = f"calls with stateful arguments use graphs of exactly their size; {n} is not in cudagraph_sizes"
+        if reason is not None:
+            return self._say_mismatch(s, reason)
+        d = None if d == -1 else d
+        shape = list(x.shape)
+        if d is not None:
+            shape[d] = s
+        key = (s, tuple(shape))
+        call = self.captured.get(key)
+        if call is not None and call.inputs.new_state(leaves):
+            log.info("captured CUDA graph for %d tokens again: a new stateful argument object", s)
+            call = None
+        if call is None:
+            call = self.capture(r, s, n, d, x, args, kwargs)
+            self.captured[key] = call
         reason = call.inputs.mismatch(leaves, spec, n)
         if reason is not None:
-            if not self.warned:
-                self.warned = True
-                log.warning("CUDA graph for %d tokens not used: %s; such calls run without a graph (said once)",
-                            s, reason)
-            return self.MISMATCH
+            return self._say_mismatch(s, reason)
         expected = self.run(r, args, kwargs) if n < s and not call.checked_padding else None
         call.inputs.copy_in(leaves, n)
         call.graph.replay()
-        got = self._sliced(call.output, s, n)
+        got = self._sliced(call.output, d, s, n)
         if expected is not None:
             self._check_padding(expected, got, s, n)
             call.checked_padding = True
         return got
+
+    def _say_mismatch(self, s: int, reason: str) -> Any:
+        if reason not in self.said:
+            self.said.add(reason)
+            log.warning("CUDA graph for %d tokens not used: %s; such calls run without a graph (said once)", s, reason)
+        return self.MISMATCH
 
     @staticmethod
     def _check_padding(expected: Any, got: Any, s: int, n: int) -> None:
@@ -167,18 +248,19 @@ class CudaGraphRunner:
                         f"remove {s} from dispatch.cudagraph_sizes or list exactly the sizes it is called with"
                     ) from None
 
-    def _sliced(self, output: Any, s: int, n: int) -> Any:
-        if n == s:
+    @staticmethod
+    def _sliced(output: Any, d: Optional[int], s: int, n: int) -> Any:
+        if d is None:
             return output
-        d = self.token_dim
         return pytree.tree_map(
             lambda t: t.narrow(d, 0, n) if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == s else t,
             output)
 
-    def capture(self, r: Range, s: int, x: torch.Tensor, args: tuple, kwargs: dict) -> CapturedCall:
+    def capture(self, r: Range, s: int, n: int, d: Optional[int], x: torch.Tensor, args: tuple,
+                kwargs: dict) -> CapturedCall:
         if not x.is_cuda:
             raise ConfigError(f"dispatch.cudagraph_sizes={self.sizes} needs CUDA inputs; the token input is on {x.device}")
-        inputs = CapturedInputs(args, kwargs, self.token_dim, x.shape[self.token_dim], s)
+        inputs = CapturedInputs(args, kwargs, d, n, s)
         s_args, s_kwargs = inputs.call_inputs()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -191,10 +273,8 @@ class CudaGraphRunner:
             output = self.run(r, s_args, s_kwargs)
         if self.pool is None:
             self.pool = graph.pool()
-        call = CapturedCall(graph, inputs, output)
-        self.captured[s] = call
         log.info("captured CUDA graph for %d tokens (range %s)", s, r)
-        return call
+        return CapturedCall(graph, inputs, output)
 
 
 def resize_tokens(args: tuple, kwargs: dict, token_dim: int, n: int, s: int) -> tuple[tuple, dict]:

@@ -3,9 +3,10 @@
 Dynamo traces again whenever a guard fails (a keyword argument appears, a dtype changes, a token dim
 of size 1 meets a graph traced with a larger one). Each of those traces must make the token dims
 symbolic again, or it would produce a graph static in the token count and every later size would
-trace once more until Dynamo's recompile limit. So the token dims are not marked once, on the first
-call: a Dynamo compile-start callback marks them on the inputs of whichever wrapper call is in
-progress on this thread (found on the stack), whenever Dynamo starts compiling for it.
+trace once more. So the token dims are not marked once, on the first call: while a wrapper's
+guarded call is in progress, the wrapper names it on this thread (``active_call``), and a Dynamo
+compile-start callback marks the dims of that call's inputs. Nothing is looked up on the stack, and
+compiles that start while no wrapper call is in progress on their thread are left alone.
 
 Marking rules:
 - the token input's token dims of size >= 2 (Dynamo specializes sizes 0 and 1 anyway: a call with a
@@ -15,40 +16,36 @@ Marking rules:
   size (a weight's) is specialized silently instead of raising ``ConstraintViolationError``;
 - duck sizing is off while tracing, so two token dims of equal size (``[4, 4]`` ids) get separate
   symbols instead of a graph that requires them equal.
+
+Other dims that change between calls (a KV cache's length) become symbolic by Dynamo's own
+automatic dynamic shapes, on the second size they take.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
 
+from rangedispatch import torch_internals
 
-_calls: set = set()  # code objects of the functions that make guarded wrapper calls
 _installed = False
 _install_lock = threading.Lock()
-_saved_duck_shape: list = []
 
 
-def register_call_site(fn: Any) -> None:
-    """``fn(r, x, args, kwargs)`` calls Dynamo for ``wrapper`` (a local of its frame); a compile it
-    starts finds the call's inputs in that frame, so the per-call path stores nothing for the rare
-    compile."""
-    _calls.add(fn.__code__)
+class _ActiveCall(threading.local):
+    """The innermost guarded wrapper call on this thread: ``(x, dims, args, kwargs)`` or None."""
+
+    call: Optional[tuple] = None
+    saved_duck_shape: list = []
+
+    def __init__(self) -> None:
+        self.saved_duck_shape = []
 
 
-def call_in_progress() -> Optional[tuple]:
-    """``(x, dims, args, kwargs)`` of the innermost guarded wrapper call on this thread's stack."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code in _calls:
-            f = frame.f_locals
-            return f["x"], f["wrapper"]._counter.dims, f["args"], f["kwargs"]
-        frame = frame.f_back
-    return None
+active_call = _ActiveCall()
 
 
 def mark_token_dims(x: torch.Tensor, dims: Sequence[int], args: tuple, kwargs: dict) -> None:
@@ -58,31 +55,25 @@ def mark_token_dims(x: torch.Tensor, dims: Sequence[int], args: tuple, kwargs: d
         return
     for d in dims:
         if x.shape[d] >= 2:
-            torch._dynamo.maybe_mark_dynamic(x, d)
+            torch_internals.maybe_mark_dynamic(x, d)
     for t in pytree.tree_leaves((args, kwargs)):
         if isinstance(t, torch.Tensor) and t is not x and not isinstance(t, torch.nn.Parameter):
             for d, size in enumerate(t.shape):
                 if size in sizes:
-                    torch._dynamo.maybe_mark_dynamic(t, d)
+                    torch_internals.maybe_mark_dynamic(t, d)
 
 
 def _on_compile_start(_: Any) -> None:
-    import torch.fx.experimental._config as fx_config
-
-    call = call_in_progress()
+    call = active_call.call
     if call is None:
         return  # a compile that is not one of ours
-    x, dims, args, kwargs = call
-    mark_token_dims(x, dims, args, kwargs)
-    _saved_duck_shape.append(fx_config.use_duck_shape)
-    fx_config.use_duck_shape = False
+    mark_token_dims(*call)
+    active_call.saved_duck_shape.append(torch_internals.set_duck_shape(False))
 
 
 def _on_compile_end(_: Any) -> None:
-    import torch.fx.experimental._config as fx_config
-
-    if _saved_duck_shape:
-        fx_config.use_duck_shape = _saved_duck_shape.pop()
+    if active_call.saved_duck_shape:
+        torch_internals.set_duck_shape(active_call.saved_duck_shape.pop())
 
 
 def install() -> None:
@@ -90,6 +81,5 @@ def install() -> None:
     global _installed
     with _install_lock:
         if not _installed:
-            torch._dynamo.callback_handler.register_start_callback(_on_compile_start)
-            torch._dynamo.callback_handler.register_end_callback(_on_compile_end)
+            torch_internals.on_compile(_on_compile_start, _on_compile_end)
             _installed = True

@@ -20,3 +20,8 @@ class OutOfRangeError(RangeDispatchError, ValueError):
 class NotTracedError(RangeDispatchError, RuntimeError):
     """An operation needs the traced model (ranges, graphs) but no call or warmup has traced it yet."""
 
+
+
+class GradientsUnsupportedError(RangeDispatchError, RuntimeError):
+    """A call that records gradients reached a range whose passes have no backward and replace the
+    model's collectives (every rank must run the same collectives, and grad mode is per rank)."""

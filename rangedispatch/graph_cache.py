@@ -2,13 +2,18 @@
 
 Dynamo traces the model with the token dimensions symbolic and calls ``RangeCompiler.backend`` for
 every graph it produces (one per graph break, one per guard set: a call with a size-1 token dim, a
-new keyword argument or a new dtype gets a graph of its own). Each becomes a ``RangeGraph``: a
-callable that Dynamo runs in place of the graph, which reads the range of the current forward call
-(``CallState``, set by the wrapper for the duration of the call) and runs that range's Inductor
-artifact, compiling it on first use.
+new keyword argument, a new dtype, a KV cache whose length became symbolic gets a graph of its own).
+Each becomes a ``RangeGraph``: a callable that Dynamo runs in place of the graph, which reads the
+range of the current forward call (``CallState``, set by the wrapper on the calling thread for the
+duration of the call) and runs that range's Inductor artifact, compiling it on first use.
 
-Compiles take Dynamo's own process-wide compile lock: Inductor is not thread-safe, and two wrappers
-compiling from two threads would otherwise corrupt each other's state.
+A graph's symbols are of two kinds: token symbols (the token input's token dims, known from the
+sources Dynamo read them from) and others (a KV cache's length). Only token symbols meet the
+range: a range's compile takes its end as the token count's size hint and its bounds as the token
+count's value range; the other symbols keep their traced hints.
+
+Compiles take Dynamo's own process-wide compile lock: Inductor is not thread-safe. Calls that only
+run compiled artifacts take no lock.
 """
 
 from __future__ import annotations
@@ -16,24 +21,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx
-
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from rangedispatch import torch_internals
+from rangedispatch.errors import GradientsUnsupportedError
 from rangedispatch.passes import GraphPass, RangePassPipeline
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
 
-
-def compile_lock() -> Any:
-    """The one lock every Dynamo trace and Inductor compile in this process takes."""
-    return torch._dynamo.convert_frame.compile_lock
+compile_lock = torch_internals.compile_lock
 
 
 @dataclass
@@ -60,22 +64,27 @@ class CompilePolicy:
     def inductor_options(self, r: Range) -> dict[str, Any]:
         """Inductor options for ``r``'s graphs: those of torch.compile's "max-autotune-no-cudagraphs"
         mode where it autotunes (the wrapper captures CUDA graphs itself), none elsewhere."""
-        from torch._inductor import list_mode_options
-
         if self.max_autotune == "always" or (self.max_autotune == "single_sizes" and r.is_single_size):
-            return {**list_mode_options("max-autotune-no-cudagraphs"), "max_autotune": self.max_autotune_gemm}
+            return {**torch_internals.mode_options("max-autotune-no-cudagraphs"), "max_autotune": self.max_autotune_gemm}
         return {}
+
+
+class CallState(threading.local):
+    """What the wrapper's call in progress on this thread tells the graphs it runs."""
+
+    range: Optional[Range] = None  # the call's range; None: the tracing call (graphs run as traced)
+    graph_runs: int = 0  # RangeGraph calls so far: unchanged by a call means Dynamo ran it eagerly
 
 
 def _free_symbols(values: Sequence[Any]) -> set:
     symbols = set()
     for v in values:
         if isinstance(v, torch.SymInt):
-            symbols |= v.node.expr.free_symbols
+            symbols |= torch_internals.symint_expr(v).free_symbols
         elif isinstance(v, torch.Tensor):
             for s in (*v.shape, *v.stride()):
                 if isinstance(s, torch.SymInt):
-                    symbols |= s.node.expr.free_symbols
+                    symbols |= torch_internals.symint_expr(s).free_symbols
     return symbols
 
 
@@ -83,7 +92,7 @@ def _concrete(v: Any, bindings: dict) -> Any:
     """A real value standing in for the fake placeholder ``v`` with its symbols bound."""
 
     def num(s: Any) -> int:
-        return int(s.node.expr.subs(bindings)) if isinstance(s, torch.SymInt) else int(s)
+        return int(torch_internals.symint_expr(s).subs(bindings)) if isinstance(s, torch.SymInt) else int(s)
 
     if isinstance(v, torch.SymInt):
         return num(v)
@@ -107,89 +116,55 @@ def _holds_dtensors(gm: torch.fx.GraphModule) -> bool:
 
 
 def _compile_fx(gm: torch.fx.GraphModule, inputs: list, symbolic: bool) -> Callable:
-    """Inductor on a fresh copy of ``gm`` (passes must not touch the shared graph); from the
-    symbolic fake placeholders, under their shape environment, when ``symbolic``."""
-    from torch._inductor.compile_fx import compile_fx
-
+    """Inductor on a fresh copy of ``gm`` (passes must not touch the shared graph)."""
     gm_copy = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    if not symbolic:
-        return compile_fx(gm_copy, inputs)
-    fake_mode = torch._guards.detect_fake_mode(inputs)
-    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
-        return compile_fx(gm_copy, inputs)
-
-
-def size_hints(shape_env: Any) -> dict:
-    """The shape environment's symbol -> size hint mapping (its attribute's name differs across torch
-    versions)."""
-    hints = getattr(shape_env, "backed_var_to_val", None)
-    return hints if hints is not None else shape_env.var_to_val
+    return torch_internals.compile_fx(gm_copy, inputs, symbolic)
 
 
 @contextlib.contextmanager
-def _range_size_hint(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[list]:
+def _range_size_hint(shape_env: Any, token_symbol: Any, r: Range) -> Iterator[list]:
     """While a range compiles, the token count's size hint is the range's end. Inductor picks kernel
     launch configs (reductions, pointwise blocks) from hints, and the traced size (often 16 tokens,
     or 1) would tune a range of thousands of tokens for the wrong size. Yields the shape guards the
     compile added that some size of the range breaks: the range's graph is called without re-checking
-    guards, so they are reported (a guard that holds for every size of a one-symbol range, such as an
+    guards, so they are reported (a guard that holds for every size of the range, such as an
     indexing bound ``8192*s0 <= 2**31-1``, is not)."""
-    fake_mode = torch._guards.detect_fake_mode(list(fakes)) if symbols else None
-    shape_env = getattr(fake_mode, "shape_env", None)
     if shape_env is None:
         yield []
         return
-    hints = size_hints(shape_env)
-    saved = {s: hints[s] for s in symbols if s in hints}
-    if len(symbols) == 1:
-        (sym,) = symbols
-        hints[sym] = type(hints[sym])(r.end) if sym in hints else r.end
+    hints = torch_internals.size_hints(shape_env)
+    saved = {token_symbol: hints[token_symbol]} if token_symbol in hints else {}
+    if token_symbol is not None:
+        hints[token_symbol] = type(hints[token_symbol])(r.end) if token_symbol in hints else r.end
     guards_before = len(shape_env.guards)
     added: list = []
     try:
         yield added
     finally:
         hints.update(saved)
-        new = [g.expr for g in shape_env.guards[guards_before:]]
-        if len(symbols) == 1:
-            new = [g for g in new if not _holds_over(g, *symbols, r)]
-        added += new
+        new = torch_internals.shape_guards(shape_env)[guards_before:]
+        added += [g for g in new if token_symbol is None
+                  or not torch_internals.holds_over(g, token_symbol, r.start, r.end)]
 
 
 @contextlib.contextmanager
-def _range_bounds(fakes: Sequence[Any], symbols: set, r: Range) -> Iterator[None]:
+def _range_bounds(shape_env: Any, token_symbol: Any, r: Range) -> Iterator[None]:
     """While the passes of a range run, the token count's value range is the range's. A pass that
     traces new ops on fake values (make_fx) has their sizes checked against the traced size's hint
     otherwise: a graph traced at 2 tokens would make sequence parallelism's token block "one row" for
     a range of thousands. Not around the whole compile: the bounds would become guards of Inductor's
     cache entry, which the next process checks against the traced size. A range reaching below the
     traced bounds (1 token; a symbol is never below 2) keeps them."""
-    fake_mode = torch._guards.detect_fake_mode(list(fakes)) if len(symbols) == 1 else None
-    shape_env = getattr(fake_mode, "shape_env", None)
-    traced = shape_env.var_to_range.get(next(iter(symbols))) if shape_env is not None else None
+    ranges = torch_internals.value_ranges(shape_env) if shape_env is not None and token_symbol is not None else {}
+    traced = ranges.get(token_symbol)
     if traced is None or r.is_single_size or not (traced.lower <= r.start and r.end <= traced.upper):
         yield
         return
-    from torch.utils._sympy.value_ranges import ValueRanges
-
-    (sym,) = symbols
-    shape_env.var_to_range[sym] = ValueRanges(r.start, r.end)
+    ranges[token_symbol] = torch_internals.make_value_range(r.start, r.end)
     try:
         yield
     finally:
-        shape_env.var_to_range[sym] = traced
-
-
-def _holds_over(guard: Any, sym: Any, r: Range) -> bool:
-    """True if ``guard`` (a sympy relation in ``sym``) holds for every token count in ``r``, by the
-    value-range analysis the shape environment itself uses (interval arithmetic: "unknown" is False)."""
-    import sympy
-    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
-
-    if guard.free_symbols != {sym}:
-        return False
-    bound = bound_sympy(guard, {sym: ValueRanges(r.start, r.end)})
-    return bool(bound.is_singleton() and bound.lower == sympy.true)
+        ranges[token_symbol] = traced
 
 
 def _matches(pipeline: RangePassPipeline, code: list[str]) -> dict[str, int]:
@@ -206,27 +181,6 @@ def _matches(pipeline: RangePassPipeline, code: list[str]) -> dict[str, int]:
         log.info("Inductor cache hit for %s: matches of %s unknown (-1); a pass that sets output_ops is counted in "
                  "the generated code", pipeline.range, ", ".join(k for k, v in out.items() if v == -1))
     return out
-
-
-@contextlib.contextmanager
-def _generated_code() -> Iterator[list[str]]:
-    """The Python code of every graph Inductor compiles or loads from its cache inside the block,
-    through the hook Inductor calls with that code (set by ``torch._inductor.utils.run_and_get_code``)."""
-    from torch._inductor.graph import GraphLowering
-
-    code: list[str] = []
-    previous = GraphLowering.save_output_code
-
-    def keep(source: str) -> None:
-        code.append(source)
-        if previous is not None:
-            previous(source)
-
-    GraphLowering.save_output_code = keep
-    try:
-        yield code
-    finally:
-        GraphLowering.save_output_code = previous
 
 
 class _PostGradCaptured(Exception):
@@ -247,27 +201,27 @@ class _CapturePostGrad(CustomGraphPass):
         return None
 
 
-class CallState:
-    """What the wrapper's call in progress tells the graphs it runs. Calls that reach the graphs
-    through Dynamo hold the process-wide compile lock: one at a time, so no thread-local is needed."""
-
-    range: Optional[Range] = None  # the call's range; None: the tracing call (graphs run as traced)
-    graph_runs: int = 0  # RangeGraph calls so far: unchanged by a call means Dynamo ran it eagerly
-
-
 class RangeGraph:
     """One Dynamo graph and its compiled artifact per range."""
 
-    def __init__(self, compiler: "RangeCompiler", index: int, gm: torch.fx.GraphModule, traced_at: Optional[int]):
+    def __init__(self, compiler: "RangeCompiler", index: int, gm: torch.fx.GraphModule, traced_at: Optional[int],
+                 token_sources: Sequence[str], reason: str):
         self.compiler = compiler
         self.state = compiler.state
         self.index = index
         self.gm = gm
         self.traced_at = traced_at  # token count of the call that traced it
+        self.reason = reason  # why Dynamo traced it: the first trace, or the guard that failed
         self.fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
         self.symbols = _free_symbols(self.fakes)
+        self.shape_env = torch_internals.shape_env_of(self.fakes) if self.symbols else None
+        # the symbols read off the token input's token dims (several for [batch, seq] ids)
+        self.token_symbols = {s for s in self.symbols
+                              if set(torch_internals.symbol_sources(self.shape_env, s)) & set(token_sources)}
+        # grad mode is part of Dynamo's guards: every call of this graph has the traced one
+        self.grad_enabled = torch.is_grad_enabled()
         # traced with grad mode on and inputs (parameters) that require grad: AOT compiles a backward
-        self.records_grad = torch.is_grad_enabled() and any(
+        self.records_grad = self.grad_enabled and any(
             isinstance(f, torch.Tensor) and f.requires_grad for f in self.fakes)
         self.artifacts: dict[Range, Callable] = {}
         self.records: dict[Range, CompileRecord] = {}
@@ -275,6 +229,11 @@ class RangeGraph:
     @property
     def is_symbolic(self) -> bool:
         return bool(self.symbols)
+
+    @property
+    def token_symbol(self) -> Any:
+        """The one token symbol, or None (static in the token count, or several token dims)."""
+        return next(iter(self.token_symbols)) if len(self.token_symbols) == 1 else None
 
     def __call__(self, *args: Any) -> Any:
         state = self.state
@@ -287,10 +246,16 @@ class RangeGraph:
             fn = self.compile(r, args)
         return fn(*args)
 
+    def runs_in(self, r: Range) -> bool:
+        """Whether calls of range ``r`` can reach this graph (a graph static in the token count only
+        runs at the size it was traced at)."""
+        return bool(self.token_symbols) or self.traced_at is None or self.traced_at in r
+
     def compiles_static(self, r: Range) -> bool:
-        """Single-size ranges compile static when one symbol (the token count) sizes the graph; with
-        several ([batch, seq] token dims) one token count has many shapes, so they stay symbolic."""
-        return not self.is_symbolic or (r.is_single_size and len(self.symbols) == 1)
+        """Single-size ranges compile static when the token count is the graph's only symbol; with
+        several ([batch, seq] token dims) or other symbols (a KV length) they stay symbolic."""
+        return not self.is_symbolic or (r.is_single_size and self.token_symbols == self.symbols
+                                        and len(self.symbols) == 1)
 
     def compile(self, r: Range, args: Optional[Sequence[Any]] = None) -> Callable:
         """Compile for ``r`` once (concurrent callers wait for the first). Single-size ranges are
@@ -301,13 +266,14 @@ class RangeGraph:
                 return fn
             if self.is_symbolic and self.compiles_static(r):
                 if args is None:
-                    (sym,) = self.symbols
-                    args = [_concrete(v, {sym: r.start}) for v in self.fakes]
+                    args = [_concrete(v, {self.token_symbol: r.start}) for v in self.fakes]
                 inputs = list(args)
             else:
                 inputs = self.fakes
             symbolic = inputs is self.fakes
-            with _range_size_hint(self.fakes, self.symbols if symbolic else set(), r) as new_guards:
+            shape_env = self.shape_env if symbolic else None
+            with _range_size_hint(shape_env, self.token_symbol, r) as new_guards, \
+                    torch.set_grad_enabled(self.grad_enabled):
                 fn, record = self.compiler.compile_graph(self, inputs, r, symbolic=symbolic)
             if new_guards:
                 log.warning("compiling graph %d for %s added shape guards that no call checks: %s", self.index, r,
@@ -327,14 +293,16 @@ class RangeCompiler:
     """The Dynamo backend that collects every graph of one wrapped model, and the compiler of their
     ranges (with the passes that apply to each)."""
 
-    def __init__(self, policy: CompilePolicy, max_num_tokens: int, tokens_now: Callable[[], Optional[int]]):
+    def __init__(self, policy: CompilePolicy, max_num_tokens: int,
+                 traced_call: Callable[[], tuple[Optional[int], Sequence[str]]]):
         self.policy = policy
         self.max_num_tokens = max_num_tokens
         # where the passes want ranges to end, over every graph traced so far
         self.split_points: set[int] = set()
         # the split points of the final ranges, once the wrapper has made them
         self.final_split_points: Optional[set[int]] = None
-        self.tokens_now = tokens_now  # token count of the call being traced
+        # (token count, source names of the token dims) of the call being traced on this thread
+        self.traced_call = traced_call
         self.graphs: list[RangeGraph] = []
         self.state = CallState()
 
@@ -342,7 +310,9 @@ class RangeCompiler:
         """The ``torch.compile`` backend: keep the graph, compile nothing yet. A graph of DTensor
         ops has no collectives yet (DTensor emits them during AOT dispatch): its post-grad graph,
         from a compile stopped right after the post-grad passes, is where the passes find them."""
-        graph = RangeGraph(self, len(self.graphs), gm, self.tokens_now())
+        tokens, token_sources = self.traced_call()
+        reason = torch_internals.recompile_reason() or ("first trace" if not self.graphs else "a graph break")
+        graph = RangeGraph(self, len(self.graphs), gm, tokens, token_sources, reason)
         if _holds_dtensors(gm):
             start = time.perf_counter()
             gm.meta[POST_GRAD_GRAPH] = self.post_grad_graph(graph)
@@ -350,7 +320,11 @@ class RangeCompiler:
                      time.perf_counter() - start)
         self._add_split_points(gm)
         self.graphs.append(graph)
-        log.debug("traced graph %d (%d nodes, symbolic: %s)", graph.index, len(gm.graph.nodes), graph.is_symbolic)
+        others = sorted(map(str, graph.symbols - graph.token_symbols))
+        log.info("traced graph %d at %s tokens (%s): token count %s%s; %d graph(s) in all", graph.index, tokens,
+                 reason, "symbolic" if graph.token_symbols else "static",
+                 f", also symbolic: {', '.join(others)}" if others else "", len(self.graphs))
+        log.debug("graph %d: %d nodes", graph.index, len(gm.graph.nodes))
         return graph
 
     def _add_split_points(self, gm: torch.fx.GraphModule) -> None:
@@ -363,37 +337,48 @@ class RangeCompiler:
         self.split_points |= usable
 
     def compile_graph(self, graph: RangeGraph, inputs: list, r: Range, symbolic: bool) -> tuple[Callable, CompileRecord]:
-        from torch._dynamo.utils import counters
-        from torch._inductor import config as inductor_config
-
         passes = self.policy.passes_for(r)
-        if graph.records_grad and any(p.inference_only for p in passes):
-            log.info("graph %d records gradients (grad mode on, parameters require grad): %s stay(s) off; "
-                     "call the model under torch.no_grad() or torch.inference_mode() to apply them",
-                     graph.index, ", ".join(p.name for p in passes if p.inference_only))
-            passes = [p for p in passes if not p.inference_only]
-        bounds = (lambda: _range_bounds(graph.fakes, graph.symbols, r)) if symbolic else None
-        pipeline = RangePassPipeline(passes, r, previous=inductor_config.post_grad_custom_post_pass, bounds=bounds)
-        hits_before = counters["inductor"]["fxgraph_cache_hit"]
+        if graph.records_grad:
+            passes = self._passes_recording_gradients(graph, passes, r)
+        shape_env, token_symbol = (graph.shape_env, graph.token_symbol) if symbolic else (None, None)
+        pipeline = RangePassPipeline(passes, r, previous=torch_internals.post_grad_custom_post_pass(),
+                                     bounds=lambda: _range_bounds(shape_env, token_symbol, r))
+        hits_before = torch_internals.fx_graph_cache_hits()
         start = time.perf_counter()
-        patch = {"post_grad_custom_post_pass": pipeline, **self.policy.inductor_options(r)}
-        with inductor_config.patch(patch), _generated_code() as code:
+        options = {"post_grad_custom_post_pass": pipeline, **self.policy.inductor_options(r)}
+        with torch_internals.inductor_config_patch(**options), torch_internals.generated_code() as code:
             fn = _compile_fx(graph.gm, inputs, symbolic)
         seconds = time.perf_counter() - start
-        cache_hit = counters["inductor"]["fxgraph_cache_hit"] > hits_before
-        return fn, CompileRecord(seconds, [p.name for p in passes], _matches(pipeline, code), cache_hit)
+        cache_hit = torch_internals.fx_graph_cache_hits() > hits_before
+        return fn, CompileRecord(round(seconds, 2), [p.name for p in passes], _matches(pipeline, code), cache_hit)
+
+    @staticmethod
+    def _passes_recording_gradients(graph: RangeGraph, passes: list[GraphPass], r: Range) -> list[GraphPass]:
+        """A graph that records gradients cannot take passes whose ops have no backward. Where such a
+        pass replaces the model's collectives, every rank must make the same choice, and grad mode is
+        each rank's own: the call is refused rather than letting ranks run different collectives."""
+        collective = [p.name for p in passes if p.replaces_collectives]
+        if collective:
+            raise GradientsUnsupportedError(
+                f"range {r} runs {', '.join(collective)}, which replaces the model's collectives and has no backward; "
+                f"this call records gradients (grad mode on, parameters that require grad). Call the model under "
+                f"torch.no_grad() or torch.inference_mode(), or set fusion.enabled=false to keep the model's own "
+                f"collectives in every range")
+        skipped = [p.name for p in passes if p.inference_only]
+        if skipped:
+            log.info("graph %d records gradients (grad mode on, parameters require grad): %s stay(s) off in %s; call "
+                     "the model under torch.no_grad() or torch.inference_mode() to apply them", graph.index,
+                     ", ".join(skipped), r)
+        return [p for p in passes if not p.inference_only]
 
     @staticmethod
     def post_grad_graph(graph: RangeGraph) -> Optional[torch.fx.Graph]:
         """The graph Inductor's post-grad passes leave for ``graph`` (caches off, compile stopped
         there): what every range's passes will see, before any range is compiled."""
-        from torch._functorch import config as functorch_config
-        from torch._inductor import config as inductor_config
-
         capture = _CapturePostGrad()
         try:
-            with inductor_config.patch(post_grad_custom_post_pass=capture, fx_graph_cache=False), \
-                    functorch_config.patch(enable_autograd_cache=False):
+            with torch_internals.inductor_config_patch(post_grad_custom_post_pass=capture), \
+                    torch_internals.caches_off():
                 _compile_fx(graph.gm, graph.fakes, symbolic=True)
         except Exception as e:  # the capture stops the compile with an exception (Inductor may wrap it)
             if capture.graph is None:

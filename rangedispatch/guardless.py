@@ -1,17 +1,32 @@
 """The per-wrapper Dynamo entry point, and calling its transformed code without guards (opt-in).
 
-Every wrapper compiles its own entry function (``module(*args, **kwargs)``) whose code object is a
-fresh copy: Dynamo keeps cache entries, recompile limits and automatic-dynamic state per code
-object, so wrappers of one model class never share them (a fifth wrapper of a class does not find
-the recompile limit used up by four others, and a second hidden size does not make the first
-wrapper's hidden dim symbolic).
+Every wrapper compiles its own entry function (``forward(*args, **kwargs)``, the wrapped model's
+forward passed in) whose code object is a fresh copy: Dynamo keeps cache entries, recompile limits
+and automatic-dynamic state per code object, so wrappers of one model class never share them (a
+fifth wrapper of a class does not find the recompile limit used up by four others, and a second
+hidden size does not make the first wrapper's hidden dim symbolic).
 
 ``dispatch.skip_dynamo_guards`` (off by default): once traced, Dynamo's per-call work (frame
 interception and guard evaluation, ~10 us on a CPU core) is more than our whole dispatch. Like
 vLLM, we can keep the bytecode Dynamo wrote for the entry (it flattens the inputs, calls the graph,
 rebuilds the outputs) and call it as a plain function, bound per range to that range's artifact.
-``CallSignature`` replaces the guards with the checks listed at the option; calls that differ take
-the guarded path.
+``CallSignature`` stands in for the guards Dynamo installed, kind by kind:
+
+- global state: Dynamo's own ``GlobalStateGuard`` (grad mode, autocast, default dtype,
+  deterministic algorithms...), plus no functorch transform, torch-function or dispatch mode;
+- each argument: its exact type; for tensors dtype, device, rank, sizes (token dims tied to the
+  token input), strides (contiguous), ``requires_grad``; for None/bool/int/float/str the value;
+  which tensor arguments are the same object;
+- the token count: a range skips the guards only if every shape guard of the learned graph holds
+  for every token count in it (a forward that branches on the size keeps the guards there);
+- the module: its exact type, ``training``, its first parameter's dtype and device; a changed
+  structure (a parameter removed or set to None, a parametrization, another shape) makes the
+  bytecode or the artifact fail before anything is written, and the call is run again through the
+  guards, which then decide.
+
+Everything else Dynamo guards is not checked on this path: other parameters' and buffers' dtypes,
+submodules' ``training``, Python attributes and globals that forward reads; side effects in
+forward are replayed as traced.
 """
 
 from __future__ import annotations
@@ -25,6 +40,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from rangedispatch import torch_internals
+
 _lock = threading.Lock()
 _codes: dict[types.CodeType, list] = {}  # entry code -> the transformed codes Dynamo made for it
 _hook_installed = False
@@ -37,8 +54,8 @@ def _hook(old_code: types.CodeType, new_code: types.CodeType) -> None:
         codes.append(new_code)
 
 
-def _entry(module, *args, **kwargs):
-    return module(*args, **kwargs)
+def _entry(forward, *args, **kwargs):
+    return forward(*args, **kwargs)
 
 
 def make_entry(owner: object, model: torch.nn.Module) -> tuple[Callable, list]:
@@ -53,7 +70,7 @@ def make_entry(owner: object, model: torch.nn.Module) -> tuple[Callable, list]:
     codes: list = []
     with _lock:
         if not _hook_installed:
-            torch._dynamo.convert_frame.register_bytecode_hook(_hook)
+            torch_internals.on_bytecode(_hook)
             _hook_installed = True
         _codes[code] = codes
     weakref.finalize(owner, _codes.pop, code, None)
@@ -77,15 +94,14 @@ class _PlainDynamoUtils:
     record_pregraph_bytecode_exit = staticmethod(bool)  # (None) -> ignored
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(torch._dynamo.utils, name)
+        return getattr(torch_internals.dynamo_utils_module(), name)
 
 
 class GuardlessForward:
-    """Dynamo's transformed ``forward``, callable as a plain function (unbound: pass the module
-    first). It runs with a private copy of the module's globals, so nothing is added to the user's
-    namespace: there ``torch._dynamo.utils`` is replaced by plain helpers and, in the per-range
-    variants, the graph Dynamo calls is replaced by that range's compiled artifact itself (no
-    per-call range dispatch at all)."""
+    """Dynamo's transformed entry, callable as a plain function (``f(forward, *args, **kwargs)``).
+    It runs with a private copy of the entry's globals: there ``torch._dynamo.utils`` is replaced
+    by plain helpers and, in the per-range variants, the graph Dynamo calls is replaced by that
+    range's compiled artifact itself (no per-call range dispatch at all)."""
 
     def __init__(self, func: Callable, code: types.CodeType, compiled_name: str):
         self.func = func
@@ -113,47 +129,65 @@ def guardless_forward(entry: Callable, code: types.CodeType) -> Optional[Guardle
     return GuardlessForward(entry, code, compiled[0])
 
 
+# exceptions a changed module structure raises from the bytecode (a missing parameter: KeyError,
+# AttributeError; None for a tensor: TypeError, AttributeError) or from the artifact's input checks
+# (another shape: AssertionError), before any output or input is written
+STRUCTURE_CHANGED = (KeyError, AttributeError, TypeError, AssertionError)
+
 _SCALARS = (type(None), bool, int, float, str)
 
 
 class CallSignature:
-    """What the guard-free path checks on every call instead of Dynamo's guards (see
-    ``dispatch.skip_dynamo_guards``). ``reason`` is set when the traced call has an argument the
-    checks cannot cover; then no call may skip the guards.
+    """What the guard-free path checks on every call instead of Dynamo's guards (see the module
+    docstring). ``reason`` is set when the traced call has an argument the checks cannot cover;
+    then no call may skip the guards.
 
     A tensor dim whose size equalled a token dim's at the traced call must equal that token dim
     on every call; the other dims must keep their traced size. (A static dim that happened to equal
     the token count at the traced call therefore sends other token counts to the guarded path:
     slower, never wrong.)"""
 
-    def __init__(self, x: torch.Tensor, token_dims: list, args: tuple, kwargs: dict, module: torch.nn.Module):
+    def __init__(self, x: torch.Tensor, token_dims: tuple, args: tuple, kwargs: dict, module: torch.nn.Module):
         self.reason: Optional[str] = None
         token_sizes = {x.shape[d]: d for d in token_dims}
         self.n_args = len(args)
         self.keys = frozenset(kwargs)
         self.checks: list[tuple[Any, Callable[[Any, torch.Tensor], bool]]] = []
+        self.tensor_slots: list[Any] = []  # where the tensor arguments are, for the aliasing check
         for where, value in [*enumerate(args), *kwargs.items()]:
             check = self._check_for(value, token_sizes)
             if check is None:
                 self.reason = f"argument {where!r} is a {type(value).__name__}, which the guard-free path cannot check"
                 return
             self.checks.append((where, check))
-        self.grad = torch.is_grad_enabled()
+            if isinstance(value, torch.Tensor):
+                self.tensor_slots.append(where)
+        self.aliasing = self._aliasing([args[w] if type(w) is int else kwargs[w] for w in self.tensor_slots])
+        self.global_state = torch_internals.global_state_guard()
+        if torch_internals.transforms_active():
+            self.reason = "the traced call ran under a functorch transform or a torch-function / dispatch mode"
+        self.module_type = type(module)
         self.training = module.training
         param = next(module.parameters(), None)
         self.param = param
         self.param_key = (param.dtype, param.device) if param is not None else None
 
+    @staticmethod
+    def _aliasing(tensors: list) -> tuple:
+        """Per tensor argument, the index of the first argument that is the same object."""
+        first: dict[int, int] = {}
+        return tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors))
+
     def _check_for(self, value: Any, token_sizes: dict) -> Optional[Callable[[Any, torch.Tensor], bool]]:
         if isinstance(value, torch.Tensor):
             if not value.is_contiguous():
                 return None
-            dtype, device, ndim, grad = value.dtype, value.device, value.dim(), value.requires_grad
+            kind, dtype, device, ndim, grad = type(value), value.dtype, value.device, value.dim(), value.requires_grad
             static = tuple((d, s) for d, s in enumerate(value.shape) if s not in token_sizes)
             tied = tuple((d, token_sizes[s]) for d, s in enumerate(value.shape) if s in token_sizes)
 
             def tensor_ok(t: Any, x: torch.Tensor) -> bool:
-                return (isinstance(t, torch.Tensor) and t.dtype is dtype and t.dim() == ndim and t.device == device
+                return (type(t) is kind and t.dtype is dtype and t.dim() == ndim and t.device == device
                         and t.requires_grad is grad and all(t.shape[d] == s for d, s in static)
                         and all(t.shape[d] == x.shape[xd] for d, xd in tied) and t.is_contiguous())
 
@@ -166,7 +200,9 @@ class CallSignature:
     def accepts(self, x: torch.Tensor, args: tuple, kwargs: dict, module: torch.nn.Module) -> bool:
         if len(args) != self.n_args or kwargs.keys() != self.keys:
             return False
-        if torch.is_grad_enabled() is not self.grad or module.training is not self.training:
+        if not self.global_state.check() or torch_internals.transforms_active():
+            return False
+        if type(module) is not self.module_type or module.training is not self.training:
             return False
         param = self.param
         if param is not None and (param.dtype, param.device) != self.param_key:
@@ -174,4 +210,18 @@ class CallSignature:
         for where, check in self.checks:
             if not check(args[where] if type(where) is int else kwargs[where], x):
                 return False
+        if len(self.aliasing) > 1:
+            tensors = [args[w] if type(w) is int else kwargs[w] for w in self.tensor_slots]
+            if self._aliasing(tensors) != self.aliasing:
+                return False
         return True
+
+
+def range_guards_hold(graph: Any, r: Any) -> bool:
+    """Whether every shape guard of ``graph`` holds for every token count of range ``r``: only then
+    may calls of ``r`` skip the guards (a guard that some size breaks needs Dynamo to re-check)."""
+    sym = graph.token_symbol
+    if sym is None or graph.symbols != {sym}:
+        return False
+    return all(torch_internals.holds_over(g, sym, r.start, r.end) if g.free_symbols else bool(g)
+               for g in torch_internals.shape_guards(graph.shape_env))

@@ -1,35 +1,43 @@
-"""Which host each rank runs on: the peer-memory tiers (FlashInfer's one/two-shot kernels, torch
-symmetric memory) need every rank of a group on one host, so a group that spans hosts keeps NCCL.
+"""Which hosts a process group's ranks run on: the peer-memory tiers (FlashInfer's one/two-shot
+kernels, torch symmetric memory) need every rank of a group on one host, so a group that spans
+hosts keeps NCCL.
 
-The hostnames are exchanged once per process, over the default group, on the first traced call
-(every rank of a tensor-parallel program makes it).
+A group's hosts are learned inside that group only, when a traced graph of the model holds one of
+its all-reduces: every rank of the group runs that collective in the same call, so every rank
+takes part in the exchange too. Nothing is exchanged over any other group (a wrapper used on one
+rank alone, or one per pipeline stage, never waits for ranks that do not call it). A single-rank
+group needs no exchange.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
-from typing import Optional
 
-_hostnames: Optional[list[str]] = None  # per global rank
+import torch
 
+from rangedispatch import torch_internals
 
-def exchange() -> None:
-    """Gather every rank's hostname (a collective: call it on all ranks, once)."""
-    global _hostnames
-    import torch.distributed as dist
-
-    if _hostnames is not None or not (dist.is_available() and dist.is_initialized()):
-        return
-    names: list = [None] * dist.get_world_size()
-    dist.all_gather_object(names, socket.gethostname())
-    _hostnames = names
+_hosts: dict[str, int] = {}  # group name -> how many hosts its ranks live on
 
 
 def hosts_of_group(group_name: str) -> int:
-    """How many hosts the ranks of a process group live on (1 when unknown)."""
-    if _hostnames is None:
-        return 1
-    from torch.distributed.distributed_c10d import _resolve_process_group, get_process_group_ranks
+    """How many hosts the ranks of a process group live on: a collective over that group the first
+    time it is asked for (each rank asks while tracing the same call)."""
+    known = _hosts.get(group_name)
+    if known is not None:
+        return known
+    import torch.distributed as dist
 
-    ranks = get_process_group_ranks(_resolve_process_group(group_name))
-    return len({_hostnames[r] for r in ranks})
+    group = torch_internals.resolve_process_group(group_name)
+    if dist.get_world_size(group) < 2:
+        count = 1
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        digest = hashlib.sha256(socket.gethostname().encode()).digest()[:8]
+        mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        count = len({int(t.item()) for t in every})
+    _hosts[group_name] = count
+    return count

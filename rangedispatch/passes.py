@@ -33,6 +33,10 @@ class GraphPass:
     # True: the rewrite has no backward (a custom op without autograd), so graphs that record
     # gradients keep the original ops
     inference_only: bool = False
+    # True: the rewrite replaces the model's collectives (another kind, count or kernel). Every rank
+    # must then run it, so a call that cannot take it (it records gradients) is refused, never run
+    # with the model's own collectives while another rank runs the rewrite
+    replaces_collectives: bool = False
     # The ops a match leaves in the graph (one of them per match), as the generated code calls them
     # ("torch.ops.<namespace>.<op>.default"): matches are counted in the code Inductor generates,
     # which a cache hit hands back too (the pass itself does not run then)

@@ -1,87 +1,113 @@
 """Reading the token count of a call: the size of one input along one or more dimensions.
 
-This runs on every forward call, so the argument position and dims are resolved once, up front:
-``token_dim="auto"`` is resolved on the first call from that call's token input.
+This runs on every forward call, so argument positions are resolved once, up front, and the token
+dims once per kind of token input (its rank and dtype class): a call whose token input has another
+rank than the first call's gets its own dims (``token_dim="auto"``) or a clear error (explicit
+dims that do not fit), never a count read off the wrong dims.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from rangedispatch.errors import ConfigError
 
+TokenArg = Union[int, str]
 
-class TokenCounter:
-    """``counter(args, kwargs) -> int`` for a module's forward signature and the dispatch config."""
 
-    def __init__(self, forward: Callable, token_arg: Union[int, str], token_dims: Union[str, Sequence[int]]):
-        self.auto = token_dims == "auto"
-        self.dims: list[int] = [] if self.auto else list(token_dims)
-        self.single_dim: Optional[int] = None
-        self.position: Optional[int] = None
-        self.name: Optional[str] = None
-        params = _positional_params(forward)
-        if isinstance(token_arg, int):
-            self.position = token_arg
-            self.name = params[token_arg] if token_arg < len(params) else None
-        else:
-            self.name = token_arg
-            if token_arg in params:
-                self.position = params.index(token_arg)
-            elif not _accepts_kwargs(forward, token_arg):
-                raise ConfigError(
-                    f"dispatch.token_arg={token_arg!r} is not a parameter of {_qualname(forward)}; "
-                    f"allowed: {', '.join(params) or 'a position'}"
-                )
+class _Slot(NamedTuple):
+    """Where one candidate token input sits in a call: by position, by keyword, or both."""
 
-    def token_input(self, args: tuple, kwargs: dict) -> Any:
+    position: Optional[int]
+    name: Optional[str]
+
+    def get(self, args: tuple, kwargs: dict) -> Any:
         if self.position is not None and self.position < len(args):
             return args[self.position]
-        if self.name is not None and self.name in kwargs:
-            return kwargs[self.name]
+        return kwargs.get(self.name) if self.name is not None else None
+
+    def __str__(self) -> str:
+        return repr(self.name) if self.name is not None else str(self.position)
+
+
+class TokenCounter:
+    """``counter.read(args, kwargs) -> (token input, token count, dims)`` for a module's forward
+    signature and the dispatch config (``dispatch.token_arg``, ``dispatch.token_dim``)."""
+
+    def __init__(self, forward: Callable, token_arg: Union[TokenArg, Sequence[TokenArg]],
+                 token_dims: Union[str, Sequence[int]]):
+        self.explicit_dims: Optional[list[int]] = None if token_dims == "auto" else list(token_dims)
+        params = _positional_params(forward)
+        self.slots = [self._slot(forward, params, a) for a in (token_arg if isinstance(token_arg, list) else [token_arg])]
+        self._dims: dict[tuple[int, bool], tuple[int, ...]] = {}  # (rank, floating) -> token dims
+
+    @staticmethod
+    def _slot(forward: Callable, params: list[str], arg: TokenArg) -> _Slot:
+        if isinstance(arg, int):
+            return _Slot(arg, params[arg] if arg < len(params) else None)
+        if arg in params:
+            return _Slot(params.index(arg), arg)
+        if not _accepts_kwargs(forward, arg):
+            raise ConfigError(f"dispatch.token_arg={arg!r} is not a parameter of {_qualname(forward)}; "
+                              f"allowed: {', '.join(params) or 'a position'}")
+        return _Slot(None, arg)
+
+    def token_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The first candidate input the call passes as a tensor; a ConfigError if there is none."""
+        for slot in self.slots:
+            x = slot.get(args, kwargs)
+            if x is not None:
+                if not isinstance(x, torch.Tensor):
+                    raise ConfigError(f"dispatch.token_arg={slot}: the call passed a {type(x).__name__}; the input "
+                                      "that carries the tokens must be a tensor")
+                return x
+        names = ", ".join(str(s) for s in self.slots)
         raise ConfigError(
-            f"dispatch.token_arg={self.position if self.name is None else self.name!r}: the call passed "
-            f"{len(args)} positional argument(s) and keywords {sorted(kwargs)}; it has no such input"
-        )
+            f"dispatch.token_arg={names}: the call passed {len(args)} positional argument(s) and keywords "
+            f"{sorted(k for k, v in kwargs.items() if v is not None)} and no tensor there; name the input that "
+            "carries the tokens, or a list to take the first one present (e.g. dispatch.token_arg=[input_ids,inputs_embeds])")
+
+    def read(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+        """``(token input, token count, token dims)``."""
+        x = None
+        for slot in self.slots:  # one candidate in the common case
+            x = slot.get(args, kwargs)
+            if x is not None:
+                break
+        if not isinstance(x, torch.Tensor):
+            x = self.token_input(args, kwargs)  # raises the clear error
+        dims = self._dims.get((x.dim(), x.is_floating_point()))
+        if dims is None:
+            dims = self._resolve(x)
+        shape = x.shape
+        if len(dims) == 1:
+            return x, shape[dims[0]], dims
+        return x, math.prod(shape[d] for d in dims), dims
 
     def __call__(self, args: tuple, kwargs: dict) -> int:
         return self.read(args, kwargs)[1]
 
-    def read(self, args: tuple, kwargs: dict) -> tuple[Any, int, bool]:
-        """``(token input, token count, every token dim >= 2)``. The last says whether the call may
-        take the guard-free path: Dynamo specializes dims of size 0 and 1, so such calls have graphs
-        of their own."""
-        pos = self.position
-        x = args[pos] if pos is not None and pos < len(args) else self.token_input(args, kwargs)
-        dim = self.single_dim
-        if dim is not None:
-            n = x.shape[dim]
-            return x, n, n >= 2
-        shape = x.shape
-        sizes = [shape[d] for d in self.dims]
-        return x, math.prod(sizes), min(sizes) >= 2
-
-    def check(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Validate the token input once (first call) with a clear message and resolve
-        ``token_dim="auto"`` from it; returns it."""
-        x = self.token_input(args, kwargs)
-        if not isinstance(x, torch.Tensor):
-            raise ConfigError(f"dispatch.token_arg selects an input of type {type(x).__name__}; it must be a tensor")
-        if self.auto and not self.dims:
-            self.dims = auto_token_dims(x)
-        self.dims = [d % x.dim() if -x.dim() <= d < x.dim() else d for d in self.dims]
-        self.single_dim = self.dims[0] if len(self.dims) == 1 else None
-        for d in self.dims:
-            if not -x.dim() <= d < x.dim():
-                raise ConfigError(
-                    f"dispatch.token_dim={self.dims if len(self.dims) > 1 else d} does not fit the token input "
-                    f"of shape {tuple(x.shape)}; allowed dims: {-x.dim()}..{x.dim() - 1}"
-                )
-        return x
+    def _resolve(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The token dims for inputs of ``x``'s rank and dtype class, validated once."""
+        if x.dim() == 0:
+            raise ConfigError("dispatch.token_arg selects a 0-d tensor; the input that carries the tokens needs a "
+                              "token dim (see dispatch.token_dim)")
+        if self.explicit_dims is None:
+            dims = auto_token_dims(x)
+        else:
+            for d in self.explicit_dims:
+                if not -x.dim() <= d < x.dim():
+                    shown = self.explicit_dims if len(self.explicit_dims) > 1 else d
+                    raise ConfigError(f"dispatch.token_dim={shown} does not fit the token input of shape "
+                                      f"{tuple(x.shape)}; allowed dims: {-x.dim()}..{x.dim() - 1}")
+            dims = [d % x.dim() for d in self.explicit_dims]
+        resolved = tuple(dims)
+        self._dims[(x.dim(), x.is_floating_point())] = resolved
+        return resolved
 
 
 def auto_token_dims(x: torch.Tensor) -> list[int]:

@@ -339,7 +339,7 @@ def mismatch(captured, args, kwargs, n):
 
 def test_captured_inputs_refuse_calls_that_differ():
     x, r = torch.randn(4, 16), torch.randn(4, 16)
-    captured = CapturedInputs((x,), {"residual": r, "use_cache": False}, token_dim=0, n=4, s=8)
+    captured = CapturedInputs((x,), {"residual": r, "use_cache": False}, pad_dim=0, n=4, s=8)
     assert captured.token_leaf == [True, True, False]
     assert mismatch(captured, (torch.randn(6, 16),), {"residual": torch.randn(6, 16), "use_cache": False}, 6) is None
     assert "arguments differ" in mismatch(captured, (x,), {"residual": r}, 4)

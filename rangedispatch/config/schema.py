@@ -41,9 +41,10 @@ class DispatchConfig:
     compile_sizes: list[int] = field(default_factory=list)
     # Largest token count the ranges cover; the last range ends here. Integer >= 1.
     max_num_tokens: int = 8192
-    # Which input's size is the token count: a position in the forward call's arguments (int >= 0)
-    # or a parameter name (str).
-    token_arg: Union[int, str] = 0
+    # Which input's size is the token count: a position in the forward call's arguments (int >= 0),
+    # a parameter name (str), or a list of them: the first that the call passes (not None) counts,
+    # e.g. [input_ids, inputs_embeds] for a model called with either.
+    token_arg: Union[int, str, list[Union[int, str]]] = 0
     # Which dimension(s) of that input count tokens: "auto", an int, or a list whose product is the
     # token count ([0, 1] for [batch, seq, hidden]). Negative dims count from the end. "auto" decides
     # on the first call: every dim of an integer input (token ids [batch, seq]), every dim but the
@@ -78,10 +79,13 @@ class DispatchConfig:
         self.max_num_tokens = check_int(f"{k}.max_num_tokens", self.max_num_tokens, lo=1)
         self.split_points = check_int_list(f"{k}.split_points", self.split_points, 1, self.max_num_tokens - 1)
         self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, 1, self.max_num_tokens)
-        if not (is_int(self.token_arg) and self.token_arg >= 0) and not (
-            isinstance(self.token_arg, str) and self.token_arg.isidentifier()
-        ):
-            raise fail(f"{k}.token_arg", self.token_arg, "an argument position (int >= 0) or parameter name (str)")
+        token_args = self.token_arg if isinstance(self.token_arg, (list, tuple)) else [self.token_arg]
+        if not token_args or not all((is_int(a) and a >= 0) or (isinstance(a, str) and a.isidentifier())
+                                     for a in token_args):
+            raise fail(f"{k}.token_arg", self.token_arg,
+                       "an argument position (int >= 0), a parameter name (str), or a non-empty list of them")
+        if isinstance(self.token_arg, (list, tuple)):
+            self.token_arg = list(self.token_arg)
         if self.token_dim != "auto":
             dims = self.token_dim if isinstance(self.token_dim, (list, tuple)) else [self.token_dim]
             if not dims or not all(is_int(d) for d in dims) or len(set(dims)) != len(dims):

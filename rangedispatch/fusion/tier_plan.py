@@ -228,9 +228,11 @@ class TierPlan:
 class TierPass(GraphPass):
     """A pass that replaces all-reduces in the ranges the model's tier plan gives its ``tier``: it
     asks for split points at the ends of that span and applies to the ranges inside it. Its ops
-    have no backward: graphs that record gradients keep the original ones."""
+    have no backward, and they replace the model's collectives: calls that record gradients are
+    refused in its ranges."""
 
     inference_only = True
+    replaces_collectives = True
     tier: str = ""
 
     def __init__(self, plan: TierPlan):

@@ -174,7 +174,7 @@ def _rows_beyond(rows: "int | torch.SymInt", r: Range) -> Optional[str]:
     for something else. While a range compiles, the token count's size hint is the range's end."""
     at_end: Optional[int] = rows if isinstance(rows, int) else None
     if isinstance(rows, torch.SymInt):
-        from rangedispatch.graph_cache import size_hints
+        from rangedispatch.torch_internals import size_hints
 
         value = rows.node.expr.xreplace(size_hints(rows.node.shape_env))
         at_end = int(value) if value.is_number else None
