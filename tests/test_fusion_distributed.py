@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rangedispatch.cli.launch import spawn_ranks
+from rangedispatch.errors import GradientsUnsupportedError
 
 HIDDEN = 64
 CASES = [(form, residual, fp8, "bfloat16") for form in ("llama", "functional", "module", "gemma")
@@ -189,8 +190,12 @@ def _grad_modes(rank, world):
         ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
         x = torch.randn(16, HIDDEN)
         with ctx():
-            m(x.clone())
-            y, r = m(x.clone())
+            m(x.clone())  # the tracing call runs the traced graph
+            try:
+                y, r = m(x.clone())
+            except GradientsUnsupportedError as e:
+                out[mode] = str(e)
+                continue
         with torch.no_grad():
             ye, re = model(x.clone())
         st = m.stats()[m.range_for(16)]
@@ -199,11 +204,33 @@ def _grad_modes(rank, world):
     return out
 
 
-def test_grad_mode_keeps_eager_numerics_and_inference_mode_fuses(caplog):
+def test_calls_that_record_gradients_are_refused_where_fusion_replaces_collectives_and_inference_fuses():
     res = spawn_ranks(_grad_modes, 2, backend="gloo")[0]
-    assert res["grad"] == ({}, [], True)  # the fused op has no backward: not applied, said once (INFO)
+    # the fused op has no backward, and falling back to the model's all-reduce on this rank alone
+    # would leave ranks running different collectives: refused, saying what to do
+    assert res["grad"].startswith("range [9,32] runs allreduce_rmsnorm, which replaces the model's collectives")
+    assert "torch.no_grad()" in res["grad"] and "fusion.enabled=false" in res["grad"]
     assert res["no_grad"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)
     assert res["inference_mode"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)
+
+
+def _mixed_grad_modes(rank, world):
+    from rangedispatch import RangeCompiledModule, load_config
+    from rangedispatch.bench.models import TPMLPBlock
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = TPMLPBlock(hidden=HIDDEN, intermediate=128, layers=2, norm="llama", dtype=torch.float32)
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
+    with torch.no_grad():
+        m(torch.randn(16, HIDDEN))
+    with torch.enable_grad() if rank == 1 else torch.no_grad():
+        m(torch.randn(16, HIDDEN))
+
+
+def test_ranks_that_call_with_different_grad_modes_fail_with_a_clear_error_instead_of_hanging():
+    with pytest.raises(RuntimeError, match="(?s)rank 1 failed first.*GradientsUnsupportedError: range \\[9,32\\]"):
+        spawn_ranks(_mixed_grad_modes, 2, backend="gloo")
 
 
 def _two_hosts(rank, world):
