@@ -31,7 +31,9 @@ class _Slot(NamedTuple):
         return kwargs.get(self.name) if self.name is not None else None
 
     def __str__(self) -> str:
-        return repr(self.name) if self.name is not None else str(self.position)
+        if self.position is None:
+            return repr(self.name)
+        return f"{self.position} ({self.name!r})" if self.name is not None else str(self.position)
 
 
 class TokenCounter:
@@ -65,7 +67,7 @@ class TokenCounter:
                     raise ConfigError(f"dispatch.token_arg={slot}: the call passed a {type(x).__name__}; the input "
                                       "that carries the tokens must be a tensor")
                 return x
-        names = ", ".join(str(s) for s in self.slots)
+        names = str(self.slots[0]) if len(self.slots) == 1 else f"[{', '.join(map(str, self.slots))}]"
         raise ConfigError(
             f"dispatch.token_arg={names}: the call passed {len(args)} positional argument(s) and keywords "
             f"{sorted(k for k, v in kwargs.items() if v is not None)} and no tensor there; name the input that "
@@ -98,6 +100,11 @@ class TokenCounter:
                               "token dim (see dispatch.token_dim)")
         if self.explicit_dims is None:
             dims = auto_token_dims(x)
+        elif self._dims and x.dim() not in {rank for rank, _ in self._dims}:
+            first = next(iter(self._dims))[0]
+            raise ConfigError(f"dispatch.token_dim={self.explicit_dims}: set for {first}-d token inputs, and this "
+                              f"call's is {x.dim()}-d {tuple(x.shape)}; call with one rank, or use "
+                              "dispatch.token_dim=auto (its dims follow each input's rank)")
         else:
             for d in self.explicit_dims:
                 if not -x.dim() <= d < x.dim():

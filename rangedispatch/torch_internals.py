@@ -54,10 +54,9 @@ def set_duck_shape(enabled: bool) -> bool:
 
 def at_trace_time(fn: Callable[[Any], None]) -> None:
     """Inside code Dynamo traces: call ``fn(context)`` while tracing (once per trace), not when the
-    compiled code runs. Outside Dynamo: nothing. ``fn`` must be a module-level function."""
-    from torch._dynamo.comptime import comptime
-
-    comptime(fn)
+    compiled code runs. Outside Dynamo: nothing. ``fn`` must be a module-level function. (No import
+    statement here: Dynamo would break the graph on it; a trace has loaded the module already.)"""
+    torch._dynamo.comptime.comptime(fn)
 
 
 def recompile_reason() -> Optional[str]:

@@ -102,6 +102,9 @@ class RangeCompiledModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The dispatch, with the wrapped model's hooks (and the process-wide ones) run around it."""
+        if torch.compiler.is_compiling():  # an outer compile (or an outer wrapper) traces this call
+            torch_internals.at_trace_time(_say_inside_outer_compile)
+            return self._model(*args, **kwargs)
         if any(self._hook_dicts[4:]):
             with self._swap:  # the model's own __call__ runs its hooks and calls the dispatch as forward
                 return self._model(*args, **kwargs)

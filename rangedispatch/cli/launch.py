@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import tempfile
+import time
 import traceback
 from typing import Any, Callable, Optional
 
@@ -40,10 +41,12 @@ def _rank_entry(rank: int, world_size: int, store: str, backend: str, fn: Callab
         dist.destroy_process_group()
 
 
-def spawn_ranks(fn: Callable, world_size: int, *args: Any, backend: Optional[str] = None) -> list:
+def spawn_ranks(fn: Callable, world_size: int, *args: Any, backend: Optional[str] = None,
+                timeout: Optional[float] = None) -> list:
     """``[fn(0, ws, *args), ..., fn(ws-1, ws, *args)]``, each in its own process. A failing rank
     stops the others; the error names the first rank that failed, with its traceback (the others
-    usually fail after it, of a lost peer)."""
+    usually fail after it, of a lost peer). ``timeout`` (seconds): ranks still running then are
+    stopped and ``TimeoutError`` names them (a hang fails instead of blocking)."""
     backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
     results_queue = mp.get_context("spawn").Queue()
     results: dict[int, Any] = {}
@@ -63,9 +66,16 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, backend: Optional[str
     with tempfile.TemporaryDirectory(prefix="rangedispatch-") as folder:
         ranks = mp.start_processes(_rank_entry, nprocs=world_size, join=False, start_method="spawn",
                                    args=(world_size, os.path.join(folder, "store"), backend, fn, args, results_queue))
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not ranks.join(timeout=0.1):
                 drain()
+                if deadline is not None and time.monotonic() > deadline:
+                    running = [r for r, p in enumerate(ranks.processes) if p.is_alive()]
+                    for p in ranks.processes:
+                        p.kill()
+                    raise TimeoutError(f"ranks {running} still running after {timeout:g} s (finished: "
+                                       f"{sorted(results)}); killed")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             drain()
             raise RuntimeError(failures[0] if failures else str(e)) from None
