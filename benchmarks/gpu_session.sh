@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session: the GPU tests, the tune sweep and the benchmark, each logging under $OUT
+# On a GPU machine: the GPU tests, the tune sweep and the benchmark, each logging under $OUT
 # (default gpu-results/). Run from the repository root, with prebuilt FlashInfer kernels and
 # wheels where the machine is offline (docs/offline-gpu.md):
 #   bash benchmarks/gpu_session.sh tests tune bench        # any subset, in that order

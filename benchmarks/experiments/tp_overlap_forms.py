@@ -43,7 +43,7 @@ output is checked against ``nccl``'s. Token counts must be multiples of 2 x WORL
 halves are split into rank blocks). Results: ``benchmarks/results/h200x4.md`` (TP=4) and
 ``h200x2.md`` (TP=2).
 
-    python benchmarks/tp_overlap_forms.py WORLD TOKENS[,TOKENS...] OUT.json [FORM,...]    # WORLD CUDA GPUs
+    python benchmarks/experiments/tp_overlap_forms.py WORLD TOKENS[,TOKENS...] OUT.json [FORM,...]    # WORLD CUDA GPUs
 """
 
 from __future__ import annotations

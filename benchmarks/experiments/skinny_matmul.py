@@ -5,7 +5,7 @@ At a few tokens a TP rank's matmuls are bandwidth-bound: their time is the weigh
 generate (with coordinate-descent tuning, as the single-size graphs of ``compile_sizes`` use), and
 prints TB/s of weight read. It answers whether a per-range pass set can beat cuBLAS at decode sizes.
 
-    python benchmarks/skinny_matmul.py [out.txt]
+    python benchmarks/experiments/skinny_matmul.py [out.txt]
 """
 
 from __future__ import annotations
