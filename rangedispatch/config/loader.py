@@ -63,15 +63,9 @@ def hydra_searchpath_override() -> Optional[str]:
 
 
 def config_dir() -> Path:
-    """The folder holding config.yaml: shipped inside the package when installed from a wheel
-    (``rangedispatch/conf``), the repository's ``conf/`` in a source checkout."""
-    packaged = Path(__file__).resolve().parents[1] / "conf"
-    if (packaged / f"{CONFIG_NAME}.yaml").is_file():
-        return packaged
-    source = Path(__file__).resolve().parents[2] / "conf"
-    if (source / f"{CONFIG_NAME}.yaml").is_file():
-        return source
-    raise FileNotFoundError(f"rangedispatch config files not found in {packaged} nor {source}")
+    """The folder holding config.yaml: the package's ``conf`` (in a source checkout, a link to the
+    repository's ``conf/``)."""
+    return Path(__file__).resolve().parents[1] / "conf"
 
 
 def hardware_profiles(extra_dirs: Sequence[Union[str, Path]] = ()) -> list[str]:
