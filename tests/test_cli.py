@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(tool, *args, **env):
-    return subprocess.run([sys.executable, "-m", f"rangedispatch.cli.{tool}", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", f"rangedispatch.cli.{tool}", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env}, cwd=ROOT)
 
 
@@ -68,6 +68,9 @@ def test_bench_smoke_run_on_cpu(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| 64 |" in table and "fused_reference" in table and "fused_oneshot" not in table
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 3 * 3  # header + 3 sizes x 3 CPU variants
+    redraw = cli("bench_plot", tmp_path / "results.csv", tmp_path / "run.json", tmp_path / "again.png")
+    assert redraw.returncode == 0 and (tmp_path / "again.png").stat().st_size > 0, redraw.stderr
+    one_line_exit_2(cli("bench_plot", tmp_path / "nothing.csv"), f"{tmp_path / 'nothing.csv'}: No such file or directory")
 
 
 def test_log_lines_print_above_the_progress_bar(capsys):

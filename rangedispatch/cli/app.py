@@ -83,9 +83,11 @@ def _take_cfg_job(args: list[str]) -> bool:
     """Remove ``--cfg job`` (``-c job``, ``--cfg=job``) from ``args``: the resolved config is printed
     instead of Hydra's composed one. Whether it was there."""
     for i, arg in enumerate(args):
-        width = 1 if arg == "--cfg=job" else 2 if arg in ("--cfg", "-c") and args[i + 1:i + 2] == ["job"] else 0
-        if width:
-            del args[i:i + width]
+        if arg == "--cfg=job":
+            del args[i]
+            return True
+        if arg in ("--cfg", "-c") and args[i + 1:i + 2] == ["job"]:
+            del args[i:i + 2]
             return True
     return False
 
