@@ -23,11 +23,9 @@ def warn_once(message: str) -> None:
 
 
 def configure_from_env() -> None:
-    """Once per process: if ``RANGEDISPATCH_LOGS`` is set, log the library at that level to stderr."""
+    """If ``RANGEDISPATCH_LOGS`` is set, log the library at that level to stderr. The value is
+    checked on every call (a bad one is refused each time); the handler is added once per process."""
     global _configured
-    if _configured:
-        return
-    _configured = True
     value = os.environ.get(ENV, "").strip().lower()
     if not value:
         return
@@ -35,6 +33,9 @@ def configure_from_env() -> None:
         from rangedispatch.errors import ConfigError
 
         raise ConfigError(f"{ENV}={value!r} is not a log level; allowed: {', '.join(_LEVELS)}")
+    if _configured:
+        return
+    _configured = True
     logger = logging.getLogger("rangedispatch")
     logger.setLevel(_LEVELS[value])
     handler = logging.StreamHandler()

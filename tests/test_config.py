@@ -1,6 +1,5 @@
 import subprocess
 import sys
-import zipfile
 
 import pytest
 
@@ -72,21 +71,6 @@ def test_cli_prints_composed_config():
     out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.demo", "--cfg", "job", "hardware=cpu", "dispatch.split_points=[16]"],
                          capture_output=True, text=True, check=True).stdout
     assert "split_points:\n  - 16" in out and "name: cpu" in out
-
-
-def test_configs_ship_in_the_wheel(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), "."], check=True)
-    (wheel,) = tmp_path.glob("rangedispatch-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "rangedispatch/conf/config.yaml" in names and "rangedispatch/conf/hardware/cpu.yaml" in names
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    code = ("from rangedispatch import load_config; from rangedispatch.config import config_dir; "
-            "print(config_dir()); print(load_config(['hardware=h100']).hardware.name)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out[0].startswith(str(site)) and out[1] == "h100"
 
 
 def test_cudagraphs_need_a_single_token_dim():
@@ -173,3 +157,37 @@ def test_a_user_profile_named_like_a_built_in_one_is_reported_and_not_used(tmp_p
     assert [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()] == [
         f"{tmp_path / 'team' / 'hardware' / 'h100.yaml'} is not used: the built-in profile 'h100' has that name; "
         "rename the file and its 'name:'"]
+
+
+def test_a_broken_user_profile_is_named_when_asked_for_and_skipped_by_auto(tmp_path, monkeypatch, caplog):
+    _user_profile(tmp_path / "team")
+    (tmp_path / "team" / "hardware" / "broken.yaml").write_text("name: broken\nthresholds: {a: 1\nfused_backend: x\n")
+    monkeypatch.setenv("RANGEDISPATCH_PROFILE_PATH", str(tmp_path / "team"))
+    with pytest.raises(ConfigError) as e:
+        load_config(["hardware=broken"])
+    assert str(e.value) == (f"{tmp_path / 'team' / 'hardware' / 'broken.yaml'}, line 3: not valid YAML "
+                            "(expected ',' or '}', but got ':')")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level("WARNING", logger="rangedispatch"):
+        assert [load_config().hardware.name for _ in range(2)] == ["mybox", "mybox"]  # the good tuned one still wins
+    assert [r.getMessage() for r in caplog.records] == [f"hardware=auto skips a broken profile: {e.value}"]
+
+
+def test_auto_counts_the_ranks_a_cli_will_spawn(tmp_path, monkeypatch):
+    from rangedispatch.config import compose_config, to_schema
+
+    _user_profile(tmp_path / "xdg" / "rangedispatch")  # measured for 2 ranks
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert to_schema(compose_config(), world_size=2).hardware.name == "mybox"
+    assert to_schema(compose_config(), world_size=4).hardware.name == "cpu"
+
+
+def test_a_bad_log_level_is_refused_on_every_construction(monkeypatch):
+    import torch
+
+    from rangedispatch import RangeCompiledModule
+
+    monkeypatch.setenv("RANGEDISPATCH_LOGS", "loud")
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="RANGEDISPATCH_LOGS='loud' is not a log level; allowed: debug, info, warning"):
+            RangeCompiledModule(torch.nn.Linear(4, 4), load_config(["hardware=cpu"]))

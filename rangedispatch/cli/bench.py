@@ -2,7 +2,7 @@
 
     rangedispatch-bench hardware=h100                      # spawns bench.world_size ranks
     torchrun --nproc-per-node 2 -m rangedispatch.cli.bench hardware=h100
-    rangedispatch-bench --cfg job                          # print the composed config
+    rangedispatch-bench --cfg job                          # print the config it would run
     python -m rangedispatch.cli.bench_plot results.csv     # (re)draw the PNG from a CSV
 """
 
@@ -13,21 +13,26 @@ import json
 import logging
 import os
 import platform
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rangedispatch.bench.config import BenchConfig
 from rangedispatch.cli import _common
 from rangedispatch.cli.app import hydra_app
-from rangedispatch.config.loader import config_dir
-
+from rangedispatch.errors import ConfigError
 
 
 def split_config(cfg: DictConfig):
-    return _common.split_config(cfg, BenchConfig)
+    """The library config and the bench section as the run will use them."""
+    return _common.split_config(cfg, BenchConfig, as_run=_as_run)
+
+
+def _as_run(bench: BenchConfig) -> BenchConfig:
+    """A smoke run's small shapes; its ranks, and hardware=auto, see no GPU."""
+    if bench.smoke:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything asks CUDA; the ranks inherit it
+    return bench.as_run()
 
 
 def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
@@ -37,7 +42,6 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[rank0] %(message)s")
     lib, bench = split_config(OmegaConf.create(cfg_yaml))
-    bench = bench.as_run()
     cuda = torch.cuda.is_available()
     op_variants = suites.OP_VARIANTS if cuda else suites.CPU_OP_VARIANTS
     total, skinny = 0, bool(lib.skinny_gemm_tokens)
@@ -81,22 +85,19 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
     return dict(rows=rows, boundaries=boundaries, info=info)
 
 
-@hydra.main(config_path=str(config_dir()), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    import torch
+
     from rangedispatch.bench import report
     from rangedispatch.cli.launch import init_from_env, spawn_ranks
 
-    import torch
-
-    _, bench = split_config(cfg)  # fail here, with the key named, before any rank starts
+    _, bench = split_config(cfg)
     if bench.smoke:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before the ranks start: they see no GPU
         print("bench.smoke: a CPU run on gloo with small shapes; it checks the tool, its times are not GPU "
               "performance", flush=True)
     elif "WORLD_SIZE" not in os.environ and torch.cuda.device_count() < bench.world_size:
-        print(f"rangedispatch-bench: needs {bench.world_size} CUDA GPUs (bench.world_size={bench.world_size}), "
-              f"found {torch.cuda.device_count()}; bench.smoke=true runs a CPU smoke test", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"needs {bench.world_size} CUDA GPUs (bench.world_size={bench.world_size}), found "
+                          f"{torch.cuda.device_count()}; bench.smoke=true runs a CPU smoke test")
     cfg_yaml = OmegaConf.to_yaml(cfg)
     backend = "gloo" if bench.smoke else "nccl"
     if "WORLD_SIZE" in os.environ:
@@ -121,13 +122,14 @@ def main(cfg: DictConfig) -> None:
 ABOUT = """rangedispatch-bench: op-level, model-level and HF-model sweeps on 2+ CUDA GPUs (NCCL, FlashInfer):
 a table, results.csv and results.png under bench.out_dir.
 
-Main keys (bench.*: rangedispatch/bench/config.py; the rest: rangedispatch/config/schema.py):
-  hardware=auto|h100|h200   bench.levels=[op,model,hf]   bench.world_size=2
+Main keys (every key, its meaning and default: docs/configuration.md in the rangedispatch repository):
+  hardware=auto|h100|h200   bench.levels=[op,model,hf]   bench.world_size=2   bench.smoke=true (CPU)
   bench.model_shapes=[[8192,28672]]   bench.hf_tp=[handwritten,dtensor]   bench.out_dir=bench-results
 
 Examples:
   rangedispatch-bench hardware=h100 'bench.levels=[op]'
   torchrun --nproc-per-node 4 -m rangedispatch.cli.bench 'bench.levels=[model,hf]'
+  rangedispatch-bench bench.smoke=true --cfg job   # every key with the value that will be used
 """
 
 run = hydra_app(main, "bench", split_config, ABOUT, section=BenchConfig)

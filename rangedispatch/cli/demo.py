@@ -1,9 +1,9 @@
 """The demo: 2 gloo ranks on CPU run a tensor-parallel MLP block through RangeCompiledModule and
 print, per token count, the range that ran, its passes and matches, the error vs eager and the time.
 
-    python -m rangedispatch.cli.demo                      # defaults: hardware=cpu, split points [8,32]
+    python -m rangedispatch.cli.demo                      # defaults: hardware=auto, split points [8,32]
     python -m rangedispatch.cli.demo 'dispatch.split_points=[16]' fusion.enabled=false
-    python -m rangedispatch.cli.demo --cfg job            # print the composed config
+    python -m rangedispatch.cli.demo --cfg job            # print the config it would run
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import time
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rangedispatch.cli.app import hydra_app
 from rangedispatch.config import to_schema
-from rangedispatch.config.loader import config_dir
 
+WORLD_SIZE = 2
 
 
 def _rank_main(rank: int, world_size: int, cfg_yaml: str) -> list:
@@ -50,12 +49,10 @@ def _rank_main(rank: int, world_size: int, cfg_yaml: str) -> list:
     return rows
 
 
-@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from rangedispatch.cli.launch import spawn_ranks
 
-    to_schema(cfg)  # fail here, with the key named, before spawning
-    rows = spawn_ranks(_rank_main, 2, OmegaConf.to_yaml(cfg), backend="gloo")[0]
+    rows = spawn_ranks(_rank_main, WORLD_SIZE, OmegaConf.to_yaml(cfg), backend="gloo")[0]
     print(f"\n{'tokens':>7} {'range':>14} {'passes':>18} {'matches':>7} {'max err vs eager':>17} {'ms/call':>8}")
     for n, r, passes, matches, err, ms in rows:
         print(f"{n:>7} {r:>14} {passes:>18} {matches:>7} {err:>17.2e} {ms:>8.2f}")
@@ -65,16 +62,16 @@ ABOUT = """rangedispatch-demo: 2 gloo ranks on CPU run a tensor-parallel MLP blo
 RangeCompiledModule and print, per token count, the range that ran, its passes, matches, the error
 vs eager and the time.
 
-Main keys (every key: rangedispatch/config/schema.py):
+Main keys (every key, its meaning and default: docs/configuration.md in the rangedispatch repository):
   hardware=auto|cpu|h100|h200|<your profile>   dispatch.split_points=[8,32]   dispatch.max_num_tokens=8192
   fusion.enabled=true|false   dispatch.skip_dynamo_guards=false|true   compile.max_autotune=single_sizes
 
 Examples:
   rangedispatch-demo 'dispatch.split_points=[16]' fusion.enabled=false
-  rangedispatch-demo --cfg job        # the config that will be used (the detected hardware profile)
+  rangedispatch-demo --cfg job        # every key with the value that will be used (the detected hardware profile)
 """
 
-run = hydra_app(main, "config", lambda cfg: (to_schema(cfg),), ABOUT)
+run = hydra_app(main, "config", lambda cfg: (to_schema(cfg, world_size=WORLD_SIZE),), ABOUT)
 
 if __name__ == "__main__":
     run()

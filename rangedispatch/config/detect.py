@@ -55,14 +55,16 @@ def _world_size() -> Optional[int]:
     return int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else None
 
 
-def detect_profile(available: Sequence[str], tuned: Optional[dict[str, dict]] = None) -> str:
+def detect_profile(available: Sequence[str], tuned: Optional[dict[str, dict]] = None,
+                   world_size: Optional[int] = None) -> str:
+    """The profile for this machine; ``world_size``: the ranks that will run (default: this process's)."""
     import torch
 
     if torch.cuda.is_available():
         name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
     else:
         name, cap = None, None
-    mine = tuned_profile_for(name or "cpu", _world_size(), tuned or {})
+    mine = tuned_profile_for(name or "cpu", world_size or _world_size(), tuned or {})
     if mine is not None:
         log.info("hardware=auto picked the tuned profile %r (measured on %s)", mine, name or "cpu")
         return mine

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -22,13 +21,11 @@ from rangedispatch.config.schema import (
     RangeDispatchConfig,
 )
 from rangedispatch.errors import ConfigError
+from rangedispatch.logs import warn_once
 
 CONFIG_NAME = "config"
 BASE_CONFIG_NAME = "rangedispatch_base"
 PROFILE_PATH_ENV = "RANGEDISPATCH_PROFILE_PATH"
-
-log = logging.getLogger("rangedispatch")
-_said_shadowed: set[Path] = set()
 
 
 def user_profile_dirs() -> list[Path]:
@@ -45,14 +42,17 @@ def user_profile_dirs() -> list[Path]:
 def _search_dirs(config_dirs: Sequence[Union[str, Path]]) -> list[Path]:
     """The extra folders, in search order, without user profiles that a built-in name hides (said once)."""
     dirs = [*map(Path, config_dirs), *user_profile_dirs()]
-    builtin = {p.stem for p in (config_dir() / "hardware").glob("*.yaml")}
+    builtin = _builtin_profiles()
     for d in dirs:
         for path in sorted((d / "hardware").glob("*.yaml")):
-            if path.stem in builtin and path not in _said_shadowed:
-                _said_shadowed.add(path)
-                log.warning("%s is not used: the built-in profile %r has that name; rename the file and its "
-                            "'name:'", path, path.stem)
+            if path.stem in builtin:
+                warn_once(f"{path} is not used: the built-in profile {path.stem!r} has that name; rename the "
+                          "file and its 'name:'")
     return dirs
+
+
+def _builtin_profiles() -> set[str]:
+    return {p.stem for p in (config_dir() / "hardware").glob("*.yaml")}
 
 
 def hydra_searchpath_override() -> Optional[str]:
@@ -63,15 +63,9 @@ def hydra_searchpath_override() -> Optional[str]:
 
 
 def config_dir() -> Path:
-    """The folder holding config.yaml: shipped inside the package when installed from a wheel
-    (``rangedispatch/conf``), the repository's ``conf/`` in a source checkout."""
-    packaged = Path(__file__).resolve().parents[1] / "conf"
-    if (packaged / f"{CONFIG_NAME}.yaml").is_file():
-        return packaged
-    source = Path(__file__).resolve().parents[2] / "conf"
-    if (source / f"{CONFIG_NAME}.yaml").is_file():
-        return source
-    raise FileNotFoundError(f"rangedispatch config files not found in {packaged} nor {source}")
+    """The folder holding config.yaml: the package's ``conf`` (in a source checkout, a link to the
+    repository's ``conf/``)."""
+    return Path(__file__).resolve().parents[1] / "conf"
 
 
 def hardware_profiles(extra_dirs: Sequence[Union[str, Path]] = ()) -> list[str]:
@@ -102,24 +96,17 @@ def compose_config(overrides: Sequence[str] = (), config_dirs: Sequence[Union[st
     built-in one, e.g. one holding ``hardware/my_gpu.yaml`` written by ``rangedispatch-tune``;
     ``config_name`` picks a tool's config (``bench``, ``tune``) instead of the library's."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from yaml import YAMLError
 
     register_base_config()
     searchpath = _searchpath_override(_search_dirs(config_dirs))
     try:
         with _global_hydra_set_aside(), initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name, overrides=[*searchpath, *overrides])
-    except MissingConfigException as e:
-        if "hardware" in str(e):
-            wanted = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hardware"), "?")
-            raise ConfigError(
-                f"hardware={wanted!r} is not a known hardware profile; available: "
-                f"{', '.join(hardware_profiles(config_dirs))}"
-            ) from None
-        raise ConfigError(str(e)) from None
-    except HydraException as e:
-        raise ConfigError(_explain_hydra_error(e)) from None
+    except (HydraException, YAMLError) as e:
+        raise config_error(e, config_dirs) from None
     OmegaConf.set_struct(cfg, False)
     return cfg
 
@@ -158,19 +145,45 @@ def load_config(
 
 def load_profile(name: str, config_dirs: Sequence[Union[str, Path]] = ()) -> dict:
     """The hardware profile ``name`` as a plain mapping (the built-in one, then user folders)."""
-    from omegaconf import OmegaConf
-
     for d in [config_dir(), *_search_dirs(config_dirs)]:
         path = d / "hardware" / f"{name}.yaml"
         if path.is_file():
-            return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    raise ConfigError(f"hardware={name!r} is not a known hardware profile; available: "
-                      f"{', '.join(hardware_profiles(config_dirs))}")
+            return _read_profile(path)
+    raise ConfigError(_unknown_profile(name, config_dirs))
 
 
-def to_schema(cfg: Any, config_dirs: Sequence[Union[str, Path]] = ()) -> RangeDispatchConfig:
+def _read_profile(path: Path) -> dict:
+    from omegaconf import OmegaConf
+    from yaml import YAMLError
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except YAMLError as e:
+        raise config_error(e) from None
+
+
+def _tuned_profiles(config_dirs: Sequence[Union[str, Path]]) -> dict[str, dict]:
+    """The user profiles ``hardware=auto`` chooses among, by name. One whose file is broken is
+    skipped with a warning: a bad file in a shared folder must not stop every other run."""
+    builtin = _builtin_profiles()
+    tuned: dict[str, dict] = {}
+    for d in _search_dirs(config_dirs):
+        for path in sorted((d / "hardware").glob("*.yaml")):
+            if path.stem in builtin or path.stem in tuned:
+                continue
+            try:
+                tuned[path.stem] = _read_profile(path)
+            except ConfigError as e:
+                warn_once(f"hardware=auto skips a broken profile: {e}")
+    return tuned
+
+
+def to_schema(cfg: Any, config_dirs: Sequence[Union[str, Path]] = (),
+              world_size: Optional[int] = None) -> RangeDispatchConfig:
     """Validate a ``DictConfig``, plain mapping or ``RangeDispatchConfig`` into ``RangeDispatchConfig``;
-    ``hardware: auto`` becomes the profile detected for this machine."""
+    ``hardware: auto`` becomes the profile detected for this machine. ``world_size``: the ranks that
+    will run it, when this process is not one of them (a CLI before it spawns them), for the choice
+    of a tuned profile; by default this process's group or ``WORLD_SIZE``."""
     if isinstance(cfg, RangeDispatchConfig):
         return cfg
     from omegaconf import DictConfig, OmegaConf
@@ -191,25 +204,46 @@ def to_schema(cfg: Any, config_dirs: Sequence[Union[str, Path]] = ()) -> RangeDi
         if extra:
             raise ConfigError(f"hardware=auto takes no other hardware keys (got {', '.join('hardware.' + k for k in extra)}); "
                               "name the profile to override its values, e.g. hardware=h100")
-        tuned = {name: load_profile(name, config_dirs) for d in _search_dirs(config_dirs)
-                 for name in (p.stem for p in sorted((d / "hardware").glob("*.yaml")))}
-        cfg = {**cfg, "hardware": load_profile(detect_profile(hardware_profiles(config_dirs), tuned), config_dirs)}
+        name = detect_profile(hardware_profiles(config_dirs), _tuned_profiles(config_dirs), world_size)
+        cfg = {**cfg, "hardware": load_profile(name, config_dirs)}
     return build_dataclass(RangeDispatchConfig, cfg, "")
 
 
-def _explain_hydra_error(e: Exception) -> str:
-    """Hydra says 'Key 'foo' is not in struct' for a typo; add which keys exist there."""
-    text = str(e)
+def config_error(e: Exception, config_dirs: Sequence[Union[str, Path]] = ()) -> ConfigError:
+    """One line for what Hydra or YAML refused while reading a config: the file and line of broken
+    YAML, the override that does not parse, the unknown profile or key and what exists instead."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from yaml import MarkedYAMLError
+
+    if isinstance(e, MarkedYAMLError) and e.problem_mark is not None:
+        return ConfigError(f"{e.problem_mark.name}, line {e.problem_mark.line + 1}: not valid YAML ({e.problem})")
+    if isinstance(e, OverrideParseException):
+        why = [line for line in e.message.splitlines() if not line.startswith(("Error parsing override", "See "))]
+        return ConfigError(f"the override {e.override!r} does not parse: {'; '.join(why)} (the override grammar: "
+                           "https://hydra.cc/docs/advanced/override_grammar/basic/)")
+    if isinstance(e, MissingConfigException) and (e.missing_cfg_file or "").startswith("hardware/"):
+        return ConfigError(_unknown_profile(e.missing_cfg_file.split("/", 1)[1], config_dirs))
     cause = e.__cause__
     full_key = getattr(cause, "full_key", None)
     if full_key and "not in struct" in str(cause):
-        from rangedispatch.config.build import _field_names, schema_at
+        return ConfigError(_unknown_key(full_key, getattr(cause, "parent_node", None)))
+    lines = [line.strip() for line in str(e).split("Config search path")[0].splitlines() if line.strip()]
+    return ConfigError("; ".join(lines))
 
-        parent, _, name = full_key.rpartition(".")
-        section = schema_at(RangeDispatchConfig, parent)
-        allowed = _field_names(section) if section else []
-        if name in allowed:  # a schema key the profile's YAML leaves at its default: Hydra needs '+'
-            return (f"{full_key} is not set in the selected config (it defaults to "
-                    f"{getattr(section(), name)!r}); to set it, add it: '+{full_key}=...'")
-        return f"unknown key {full_key!r}; allowed keys under {parent or 'the root'}: {', '.join(allowed)}"
-    return text
+
+def _unknown_profile(name: str, config_dirs: Sequence[Union[str, Path]]) -> str:
+    return f"hardware={name!r} is not a known hardware profile; available: {', '.join(hardware_profiles(config_dirs))}"
+
+
+def _unknown_key(full_key: str, parent_node: Any) -> str:
+    """Hydra says 'Key 'foo' is not in struct' for a typo; say which keys exist there: the schema's
+    (where it knows the section), else those of the tool's section as composed."""
+    from rangedispatch.config.build import _field_names, schema_at
+
+    parent, _, name = full_key.rpartition(".")
+    section = schema_at(RangeDispatchConfig, parent)
+    allowed = _field_names(section) if section else list(parent_node or ())
+    if section and name in allowed:  # a schema key the profile's YAML leaves at its default: Hydra needs '+'
+        return (f"{full_key} is not set in the selected config (it defaults to "
+                f"{getattr(section(), name)!r}); to set it, add it: '+{full_key}=...'")
+    return f"unknown key {full_key!r}; allowed keys under {parent or 'the root'}: {', '.join(allowed)}"
