@@ -19,8 +19,9 @@ CPU_SWEEP = dict(hidden=[1024, 2048], max_bytes=2 * MiB, sp_max_bytes=256 * 1024
 class TuneConfig:
     SECTION = "tune"
 
-    # Name of the profile to write (conf/hardware/<name>.yaml under out_dir); load it with
-    # load_config(["hardware=<name>"], config_dirs=[out_dir]) or copy it into conf/hardware/.
+    # Name of the profile to write (hardware/<name>.yaml under out_dir); load it with
+    # load_config(["hardware=<name>"], config_dirs=[out_dir]), or copy out_dir/hardware/ into
+    # ~/.config/rangedispatch/.
     name: str = "tuned"
     # Hidden sizes to sweep (bf16). The profile takes the most restrictive crossover over all of them.
     # None: GPU_SWEEP's or CPU_SWEEP's (above), as for the next three keys.
@@ -32,8 +33,8 @@ class TuneConfig:
     sp_max_bytes: Optional[int] = None
     # With FP8 quant after the norm, without, or both (both: the more restrictive wins).
     fp8: Optional[list[bool]] = None
-    # Whole sweeps to run; thresholds are given per repeat (their spread is the noise) and the
-    # profile takes the smallest.
+    # Whole sweeps to run. A tier takes a size only if its slowest repeat beats the other tier's
+    # fastest by the margin (rangedispatch/tune/crossover.py): more repeats, fewer thresholds moved by noise.
     repeats: Optional[int] = None
     # Ranks to spawn when not started by torchrun. Integer >= 2.
     world_size: int = 2
