@@ -321,3 +321,25 @@ def test_the_summary_says_what_the_profile_holds():
     # the reference tier is one kernel: one-shot wherever fusion runs, and the summary says why
     assert "    oneshot_max_bytes: 8192" in measured and "one-shot throughout (two-shot not measured)" in text
     assert "- Async TP on top of it, from: hidden 1024: never, hidden 2048: never; other hidden sizes: never." in text
+
+
+def test_from_csv_names_a_missing_or_empty_sweep_in_one_line(tmp_path):
+    missing = _tune(f"tune.from_csv={tmp_path}/missing.csv", f"tune.out_dir={tmp_path}")
+    assert missing.returncode == 2 and missing.stdout == "" and missing.stderr.count("\n") == 1
+    assert f"tune.from_csv='{tmp_path}/missing.csv'" in missing.stderr and "no such file" in missing.stderr
+    (tmp_path / "sweep.csv").write_text("repeat,hidden,fp8,tokens,bytes,tier,us\n")
+    alone = _tune(f"tune.from_csv={tmp_path}/sweep.csv", f"tune.out_dir={tmp_path}")
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1 and "sweep_info.json" in alone.stderr
+    (tmp_path / "sweep_info.json").write_text(json.dumps(dict(card="cpu", torch="2", flashinfer="-", world_size=2,
+                                                              date="2026-12-01", cuda=False)))
+    empty = _tune(f"tune.from_csv={tmp_path}/sweep.csv", f"tune.out_dir={tmp_path}")
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "header only" in empty.stderr
+    assert "Traceback" not in missing.stderr + alone.stderr + empty.stderr
+
+
+def test_a_built_in_name_is_refused_before_the_sweep(tmp_path):
+    for name in ("h100", "auto"):
+        out = _tune(f"tune.name={name}", f"tune.out_dir={tmp_path}")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and f"tune.name='{name}'" in out.stderr
+        assert "cpu, gpu_generic, h100, h200" in out.stderr and "conf/hardware" not in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written

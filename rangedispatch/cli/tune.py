@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 import hydra
@@ -30,6 +31,7 @@ from rangedispatch.cli import _common
 from rangedispatch.cli.app import hydra_app
 from rangedispatch.config.checks import fail
 from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir
+from rangedispatch.errors import ConfigError
 from rangedispatch.tune.config import TuneConfig
 
 
@@ -201,7 +203,11 @@ def main(cfg: DictConfig) -> None:
     lib, tune = split_config(cfg)
     cfg_yaml = OmegaConf.to_yaml(cfg)
     if tune.from_csv:
-        result = _load_sweep(Path(tune.from_csv))
+        try:
+            result = _load_sweep(Path(tune.from_csv))
+        except ConfigError as e:
+            print(f"rangedispatch-tune: {e}", file=sys.stderr)
+            sys.exit(2)
     elif "WORLD_SIZE" in os.environ:
         rank, world = init_from_env()
         result = measure_rank(rank, world, cfg_yaml)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from rangedispatch.config.checks import check_int, check_int_list, check_str, fail
+from rangedispatch.config.loader import config_dir
 
 MiB = 1 << 20
 # The sweep for each key left at None: the full one on GPUs; on CPU, where only the reference tier
@@ -21,7 +23,7 @@ class TuneConfig:
 
     # Name of the profile to write (hardware/<name>.yaml under out_dir); load it with
     # load_config(["hardware=<name>"], config_dirs=[out_dir]), or copy out_dir/hardware/ into
-    # ~/.config/rangedispatch/.
+    # ~/.config/rangedispatch/. Not a built-in profile's name (cpu, h100, ...): those always win.
     name: str = "tuned"
     # Hidden sizes to sweep (bf16). The profile takes the most restrictive crossover over all of them.
     # None: GPU_SWEEP's or CPU_SWEEP's (above), as for the next three keys.
@@ -51,6 +53,10 @@ class TuneConfig:
         check_str(f"{k}.name", self.name)
         if not self.name.replace("_", "").replace("-", "").isalnum():
             raise fail(f"{k}.name", self.name, "letters, digits, '_' and '-'")
+        builtin = sorted(p.stem for p in (config_dir() / "hardware").glob("*.yaml"))
+        if self.name in builtin:
+            raise fail(f"{k}.name", self.name, f"a name other than the built-in profiles' ({', '.join(builtin)}), "
+                       "which a written profile could not override")
         if self.hidden is not None:
             self.hidden = check_int_list(f"{k}.hidden", self.hidden, lo=1)
             if not self.hidden:
@@ -68,6 +74,12 @@ class TuneConfig:
         check_int(f"{k}.calls_per_graph", self.calls_per_graph, lo=1)
         check_int(f"{k}.replays", self.replays, lo=1)
         check_str(f"{k}.out_dir", self.out_dir)
+        if self.from_csv and not Path(self.from_csv).is_file():
+            raise fail(f"{k}.from_csv", self.from_csv, "the path of a sweep.csv written by rangedispatch-tune; "
+                       "no such file")
+        if self.from_csv and not (Path(self.from_csv).parent / "sweep_info.json").is_file():
+            raise fail(f"{k}.from_csv", self.from_csv, "a sweep.csv with the sweep_info.json written beside it; "
+                       "that file is missing")
 
     def for_device(self, cuda: bool) -> "TuneConfig":
         """This config with every key left at None taken from the GPU or the CPU sweep."""
