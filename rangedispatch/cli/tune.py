@@ -65,6 +65,10 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)  # the progress bar is the output here
     lib, tune = split_config(OmegaConf.create(cfg_yaml))
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # each rank its share of the cores: oversubscribed, every parallel kernel waits for a
+        # descheduled thread (the CPU sweep ran 3x slower, its timings mostly that wait)
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
     tiers = GPU_TIERS if cuda else CPU_TIERS
     info = dict(card=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,

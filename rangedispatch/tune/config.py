@@ -12,9 +12,11 @@ from rangedispatch.config.loader import config_dir
 
 MiB = 1 << 20
 # The sweep for each key left at None: the full one on GPUs; on CPU, where only the reference tier
-# exists and the numbers only show that the tool and the profile work, one that takes about 2 minutes.
+# exists and the numbers only show that the tool and the profile work, one that takes about 2 minutes
+# on 2 cores: one hidden size, small sizes (the 2-layer block's matmuls dominate on CPU), and two
+# repeats, so that the rule sees the spread between them.
 GPU_SWEEP = dict(hidden=[2048, 4096, 8192], max_bytes=64 * MiB, sp_max_bytes=128 * MiB, fp8=[False, True], repeats=2)
-CPU_SWEEP = dict(hidden=[1024, 2048], max_bytes=2 * MiB, sp_max_bytes=256 * 1024, fp8=[False], repeats=1)
+CPU_SWEEP = dict(hidden=[1024], max_bytes=256 * 1024, sp_max_bytes=16 * 1024, fp8=[False], repeats=2)
 
 
 @dataclass

@@ -103,10 +103,13 @@ def _one_or_two(oneshot_max: int, tier_max: int) -> str:
 
 def profile_text(t: TierThresholds, tiers: set[str]) -> list[str]:
     """The entry in words, one line per tier; ``tiers``: those the sweep measured."""
-    if "twoshot" not in tiers:
+    fused_max = max(t.fused_max_bytes, *t.fused_max_bytes_by_hidden.values())
+    if not fused_max:
+        oneshot = "none (no fused sizes)"
+    elif "twoshot" not in tiers:
         oneshot = "one-shot throughout (two-shot not measured)"
     else:
-        oneshot = _one_or_two(t.oneshot_max_bytes, max(t.fused_max_bytes, *t.fused_max_bytes_by_hidden.values()))
+        oneshot = _one_or_two(t.oneshot_max_bytes, fused_max)
     if t.symm_mem_max_bytes:
         symm = (f"from {size_text(t.symm_mem_min_bytes)} to {size_text(t.symm_mem_max_bytes)} where the fused "
                 f"tier does not run, {_one_or_two(t.symm_mem_oneshot_max_bytes, t.symm_mem_max_bytes)}")
