@@ -95,7 +95,6 @@ def test_most_restrictive_series_wins_and_first_loss_means_never():
     assert t.fused_max_bytes == 1024 * 2048 * 2  # 2048's series stops at 4 MiB; 8192's reaches 64 MiB
     assert t.by_hidden == {2048: 1024 * 2048 * 2, 8192: 4096 * 8192 * 2}
     assert t.oneshot_max_bytes == 4096 * 8192 * 2  # two-shot never won: one-shot wherever fusion runs
-    assert [s.capped_by_sweep for s in t.series] == [False, True]
     never = thresholds(_rows({(4096, True): [(1, 10, 12, None), (64, 10, 11, 15), (1024, 20, 30, 25)]}))
     assert never.fused_max_bytes == 0 and never.oneshot_max_bytes == 0
 

@@ -136,7 +136,7 @@ def summarize(result: dict, lib, tune) -> tuple[str, str]:
     entry = profile.measured_entry(measured)
     provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, {report.sweep_text(rows, info)}",
                   f"Each tier takes a size only where it beat the tier it replaces by more than {crossover.MARGIN:.0%} "
-                  "from its slowest repeat to the other's fastest; summary.md beside the sweep says why each value.",
+                  "from its slowest repeat to the other's fastest; summary.md, written with this file, says why.",
                   "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
     backend = "flashinfer" if result["cuda"] else "reference"
     device_name = info["card"] if result["cuda"] else "cpu"

@@ -91,7 +91,6 @@ class SeriesResult:
     hidden: int
     fp8: bool
     fused_max_bytes: int  # 0: fusion lost at the smallest size
-    capped_by_sweep: bool  # fusion still took the largest size measured
     oneshot_max_bytes: Optional[int]  # None: two-shot took no fused size (or was not measured)
     # where symm-mem took sizes around the first size above the fused ones: (start, end); start None:
     # it lost there (end = the fused limit); band None: nothing measured above the fused sizes
@@ -158,8 +157,7 @@ def series_result(hidden: int, fp8: bool, points: Points) -> Optional[SeriesResu
     end = fused.leading_end()
     fused_max = 0 if end is None else fused.sizes[end]
     twoshot = compare(points, ("twoshot",), ("oneshot",), [b for b in fused.sizes if b <= fused_max])
-    out = SeriesResult(hidden, fp8, fused_max, end == len(fused.sizes) - 1, _oneshot_limit(twoshot),
-                       comparisons=dict(fused=fused, twoshot=twoshot))
+    out = SeriesResult(hidden, fp8, fused_max, _oneshot_limit(twoshot), comparisons=dict(fused=fused, twoshot=twoshot))
     symm = compare(points, SYMM_TIERS, ("nccl",))
     above = [i for i, b in enumerate(symm.sizes) if b > fused_max]
     if above:
