@@ -1,11 +1,17 @@
-"""The tune logic on the recorded H100 x2 sweep (benchmarks/results/tune_h100x2/), on it with added
-noise, and on made-up noisy, non-monotone sweeps."""
+"""The tune rule on the recorded H100/H200 sweeps, on them with added noise, and on made-up noisy,
+non-monotone sweeps; the summary and the profile written from one sweep; the CLI's input checks."""
 
+import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from rangedispatch.tune.crossover import leading_run_end, smoothed, thresholds
+from rangedispatch.tune.crossover import MARGIN, RULE, thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
 
 
 def _rows(series):
@@ -19,27 +25,24 @@ def _rows(series):
     return rows
 
 
-def _recorded_sweep(repeat=0):
-    import csv
-
-    with open(ROOT / "benchmarks/results/tune_h100x2/sweep.csv") as f:
-        return [dict(hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]), bytes=int(r["bytes"]),
-                     tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f) if int(r["repeat"]) == repeat]
+def _recorded(name="tune_h100x2"):
+    with open(ROOT / "benchmarks/results" / name / "sweep.csv") as f:
+        return [dict(repeat=int(r["repeat"]), hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]),
+                     bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f)]
 
 
-MiB = 1 << 20
-
-
-def test_recorded_h100_sweep_gives_the_committed_thresholds():
-    for repeat in (0, 1):
-        t = thresholds(_recorded_sweep(repeat))
-        assert t.by_hidden == {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}
-        assert t.fused_max_bytes == 8 * MiB and t.oneshot_max_bytes == 64 * MiB
+def test_recorded_sweeps_give_their_thresholds_by_the_rule():
     from rangedispatch.config import load_config
 
-    h100 = load_config(["hardware=h100"]).hardware.thresholds_for(2)
-    assert h100.fused_max_bytes == 8 * MiB
-    assert h100.fused_max_bytes_by_hidden == {"2048": 8 * MiB, "4096": 32 * MiB, "8192": 64 * MiB}
+    h200 = thresholds(_recorded("tune_h200x2"))
+    assert h200.by_hidden == {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}
+    committed = load_config(["hardware=h200"]).hardware.thresholds_for(2)
+    assert committed.fused_max_bytes_by_hidden == {str(h): b for h, b in h200.by_hidden.items()}
+    # the H100 sweep's repeats lay up to 46% apart: fused was ahead at 32 MiB (hidden 4096) and 64 MiB
+    # (8192) by less than that spread, so those sizes stay with NCCL
+    h100 = thresholds(_recorded())
+    assert h100.by_hidden == {2048: 8 * MiB, 4096: 16 * MiB, 8192: 32 * MiB}
+    assert h100.fused_max_bytes == 8 * MiB and h100.oneshot_max_bytes == 32 * MiB  # two-shot never won
 
 
 def test_recorded_sweep_with_added_noise_moves_at_most_one_step():
@@ -47,20 +50,42 @@ def test_recorded_sweep_with_added_noise_moves_at_most_one_step():
 
     rng = random.Random(0)
     for _ in range(20):
-        noisy = [dict(r, us=r["us"] * rng.uniform(0.96, 1.04)) for r in _recorded_sweep()]
+        noisy = [dict(r, us=r["us"] * rng.uniform(0.96, 1.04)) for r in _recorded()]
         t = thresholds(noisy)
-        for hidden, limit in {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}.items():
+        for hidden, limit in {2048: 8 * MiB, 4096: 16 * MiB, 8192: 32 * MiB}.items():
             assert limit // 2 <= t.by_hidden[hidden] <= limit * 2, (hidden, t.by_hidden)
 
 
-def test_crossover_with_a_noisy_point_and_a_late_loss():
-    # fused/nccl: 0.5, 0.55, 1.02 (one noisy loss), 0.6, 0.65, 0.9, then loses for good (1.05, 1.06)
-    points = [(1, 10, 5, None), (8, 10, 5.5, 9), (32, 10, 10.2, 12), (128, 10, 6, 8), (512, 20, 14, 13),
-              (2048, 40, 38, 36), (4096, 80, 84, 86), (8192, 160, 176, 170)]
-    t = thresholds(_rows({(2048, False): points}))
-    assert t.fused_max_bytes == 2048 * 2048 * 2
-    # one-shot / two-shot where both ran: 0.61, 0.85, 0.75, then two-shot wins for good (1.08, 1.06)
-    assert t.oneshot_max_bytes == 128 * 2048 * 2
+def _fused_sweep(ratios, *jitters, hidden=1024):
+    """fused/nccl = ``ratios`` at 1, 2, 4, ... tokens, one repeat per jitter: in each, NCCL runs that
+    much faster and fused that much slower than their true times (negative: the other way)."""
+    return [dict(repeat=repeat, hidden=hidden, fp8=False, tokens=1 << i, bytes=(1 << i) * hidden * 2, tier=tier, us=us)
+            for repeat, jitter in enumerate(jitters) for i, ratio in enumerate(ratios)
+            for tier, us in (("nccl", 100 * (1 - jitter)), ("reference", 100 * ratio * (1 + jitter)))]
+
+
+def test_a_gap_inside_the_spread_between_repeats_moves_no_threshold():
+    ratios = [0.6, 0.7, 0.8, 0.9, 0.95, 1.1, 1.2]  # fused 5% ahead at 16 tokens, behind from 32
+    assert thresholds(_fused_sweep(ratios, 0.0)).fused_max_bytes == 16 * 2048  # 5% > the margin: taken
+    # repeats 4% apart: at 16 tokens fused is still ahead on average, but not past the spread
+    spread = thresholds(_fused_sweep(ratios, 0.02, -0.02))
+    assert spread.fused_max_bytes == 8 * 2048
+    assert 0 < spread.series[0].comparisons["fused"].gains[4] < MARGIN
+
+
+def test_two_runs_with_different_noise_write_one_profile():
+    ratios = [0.6, 0.7, 0.8, 0.9, 1.0, 1.1]
+    one, other = thresholds(_fused_sweep(ratios, 0.02, -0.01)), thresholds(_fused_sweep(ratios, -0.02, 0.015))
+    assert one.by_hidden == other.by_hidden == {1024: 8 * 2048}
+
+
+def test_one_repeat_is_decided_by_the_fixed_margin_and_the_neighbours():
+    assert thresholds(_fused_sweep([0.6, 0.6, 1 - MARGIN / 2], 0.0)).fused_max_bytes == 2 * 2048  # NCCL stays
+    assert thresholds(_fused_sweep([0.6, 0.6, 1 - 2 * MARGIN], 0.0)).fused_max_bytes == 4 * 2048
+    c = thresholds(_fused_sweep([0.6, 1 - MARGIN / 2, 0.6, 0.6, 1.2], 0.0)).series[0].comparisons["fused"]
+    assert c.took == [True, True, True, True, False]  # the one close call between two wins is outvoted
+    c = thresholds(_fused_sweep([0.6, 0.6, 1.2, 0.6, 1.2, 1.2], 0.0)).series[0].comparisons["fused"]
+    assert c.took == [True, True, True, False, False, False]  # so are an odd loss, and an odd win after it
 
 
 def test_most_restrictive_series_wins_and_first_loss_means_never():
@@ -69,8 +94,7 @@ def test_most_restrictive_series_wins_and_first_loss_means_never():
     t = thresholds(_rows({(2048, False): small, (8192, False): large}))
     assert t.fused_max_bytes == 1024 * 2048 * 2  # 2048's series stops at 4 MiB; 8192's reaches 64 MiB
     assert t.by_hidden == {2048: 1024 * 2048 * 2, 8192: 4096 * 8192 * 2}
-    assert t.oneshot_max_bytes == 4096 * 8192 * 2  # one-shot never lost to two-shot: not capped by 2048's fused limit
-    assert [s.capped_by_sweep for s in t.series] == [False, True]
+    assert t.oneshot_max_bytes == 4096 * 8192 * 2  # two-shot never won: one-shot wherever fusion runs
     never = thresholds(_rows({(4096, True): [(1, 10, 12, None), (64, 10, 11, 15), (1024, 20, 30, 25)]}))
     assert never.fused_max_bytes == 0 and never.oneshot_max_bytes == 0
 
@@ -109,14 +133,14 @@ def _block_rows(points, hidden=2048):
 def test_async_tp_is_judged_against_sequence_parallelism_which_takes_its_better_form():
     op = _rows({(2048, False): [(1, 10, 5, None), (64, 20, 10, 12)]})
     # plain sequence parallelism always loses to NCCL; with async TP on top it wins from 2048 tokens
-    points = [(512, 200, 210, 205), (1024, 400, 420, 405), (2048, 800, 820, 790), (4096, 1600, 1640, 1560)]
+    points = [(512, 200, 210, 198), (1024, 400, 420, 395), (2048, 800, 820, 760), (4096, 1600, 1640, 1500)]
     t = thresholds(op + _block_rows(points))
     assert t.series[0].sp_from == t.sp_min_bytes == 2048 * 2048 * 2  # the tier pays in its async form
     assert t.series[0].async_tp_from == t.async_tp_min_bytes == 512 * 2048 * 2  # async beats plain SP throughout
     t = thresholds(op + _block_rows([(n, nccl, sp, sp * 1.01) for n, nccl, sp, _ in points]))
     assert t.series[0].async_tp_from == 0 and t.async_tp_min_bytes == 0 and t.sp_min_bytes == 0
-    tie = [(n, nccl, nccl * 1.01, nccl * (0.999 if n == 4096 else 1.01)) for n, nccl, _, _ in points]
-    assert thresholds(op + _block_rows(tie)).sp_min_bytes == 0  # 0.1% ahead at the largest size is no win
+    close = [(n, nccl, nccl * 1.01, nccl * (1 - MARGIN / 2 if n == 4096 else 1.01)) for n, nccl, _, _ in points]
+    assert thresholds(op + _block_rows(close)).sp_min_bytes == 0  # ahead at the largest size, within the margin
 
 
 def test_async_tp_keeps_the_start_of_each_hidden_size():
@@ -143,15 +167,11 @@ def _symm_rows(series):
 
 
 def test_recorded_symm_mem_sweep_gives_the_committed_tier():
-    import csv
-
-    with open(ROOT / "benchmarks/results/tune_h100x2_symm_mem/sweep.csv") as f:
-        rows = [dict(repeat=int(r["repeat"]), hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]),
-                     bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f)]
-    t = thresholds([r for r in rows if r["repeat"] == 0])
-    assert t.by_hidden == {2048: 8 * MiB, 4096: 32 * MiB, 8192: 64 * MiB}
+    t = thresholds(_recorded("tune_h100x2_symm_mem"))
+    assert t.by_hidden == {2048: 8 * MiB, 4096: 16 * MiB, 8192: 32 * MiB}
     assert (t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) == (2 * MiB, 16 * MiB, 0)
-    assert [s.symm_band for s in t.series] == [(2 * MiB, 16 * MiB)] * 2 + [(None, 32 * MiB)] * 2 + [None] * 2
+    bands = [(2 * MiB, 16 * MiB)] * 2 + [(None, 16 * MiB)] * 2 + [(None, 32 * MiB)] * 2  # lost above 16 / 32 MiB
+    assert [s.symm_band for s in t.series] == bands
     from rangedispatch.config import load_config
 
     h100 = load_config(["hardware=h100"]).hardware.thresholds_for(2)
@@ -174,13 +194,6 @@ def test_symm_mem_band_is_judged_above_each_fused_limit():
     assert lost.symm_mem_max_bytes == 0  # lost right above the fused sizes: no tier
 
 
-def test_smoothing_helpers():
-    assert smoothed([1, 5, 1, 1]) == [1, 1, 1, 1] and smoothed([2, 1, 3]) == [2, 2, 3]
-    assert leading_run_end([1, 2, 3], [1.5, 0.5, 0.5]) is None  # losing at the smallest size: never
-    assert leading_run_end([1, 2, 3, 4], [0.5, 1.5, 0.5, 0.5]) == 4  # one noisy inner point: smoothed over
-    assert leading_run_end([1, 2, 3], [0.5, 0.5, 1.5]) == 2  # losing at the largest size stops the run
-
-
 def _ranges_with_profile(rank, world, config_dir):
     import torch
 
@@ -199,11 +212,12 @@ def _ranges_with_profile(rank, world, config_dir):
 
 def test_tuned_profile_loads_and_moves_the_ranges(tmp_path):
     from rangedispatch.config import load_config
+    from rangedispatch.config.schema import TierThresholds
     from rangedispatch.cli.launch import spawn_ranks
-    from rangedispatch.tune import crossover, profile
+    from rangedispatch.tune import profile
 
     base = load_config(["hardware=cpu"]).hardware
-    text = profile.render("mytuned", "reference", 2, crossover.Thresholds(4096, 4096), base, ["test", "provenance"])
+    text = profile.render("mytuned", "reference", 2, TierThresholds(4096, 4096), base, ["test", "provenance"])
     profile.write(tmp_path, "mytuned", text)
     assert text.startswith("# Written by rangedispatch-tune. test\n# provenance\nname: mytuned")
     tuned = load_config(["hardware=mytuned"], config_dirs=[tmp_path]).hardware
@@ -215,21 +229,17 @@ def test_tuned_profile_loads_and_moves_the_ranges(tmp_path):
 
 
 def test_tune_cli_on_cpu_measures_the_reference_tier(tmp_path):
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.tune", "tune.name=cpubox", "tune.hidden=[64]",
                           "tune.max_bytes=512", "tune.sp_max_bytes=512", "tune.repeats=1", "tune.replays=2",
                           "tune.fp8=[false]",
                           f"tune.out_dir={tmp_path}"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert "CPU: measuring the reference tier" in out and "Spread between repeats" in out
+    assert "CPU: measuring the reference tier" in out and "One repeat: no spread between repeats" in out
     assert "up to 512 B per rank" in out  # sizes as people read them, not 0.000488281 MiB
     from rangedispatch.config import load_config
 
     hw = load_config(["hardware=cpubox"], config_dirs=[tmp_path]).hardware
     assert hw.name == "cpubox" and hw.fused_backend == "reference"
-    assert "Sequence-parallel tier (2-layer TP block, sequence parallelism vs NCCL) per repeat:" in out
-    assert "Async TP on top (vs sequence parallelism) per repeat:" in out
+    assert "| sequence parallelism vs NCCL (2-layer block) | async TP vs sequence parallelism |" in out
     # written by the ranks as they measure: header + tokens 1, 2, 4 x (2 op-level tiers + the 2-layer block
     # without and with sequence parallelism, and with async TP on top)
     sweep = (tmp_path / "sweep.csv").read_text()
@@ -245,7 +255,8 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
     measured.sp_min_bytes, measured.sp_by_hidden, measured.async_tp_min_bytes = 65536, {64: 32768}, 131072
     measured.async_by_hidden = {64: 16384}
     base = load_config(["hardware=h100", "+hardware.thresholds.4.sp_min_bytes=8388608"]).hardware
-    profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, measured, base, ["test"]))
+    entry = profile.measured_entry(measured)
+    profile.write(tmp_path, "tiers", profile.render("tiers", "reference", 2, entry, base, ["test"]))
     hw = load_config(["hardware=tiers"], config_dirs=[tmp_path]).hardware
     assert hw.thresholds_for(4).sp_min_bytes == 8388608  # kept from the base profile, every key of it
     assert hw.thresholds_for(2).sp_min_bytes_for(64) == 32768 and hw.thresholds_for(2).sp_min_bytes_for(128) == 65536
@@ -257,16 +268,77 @@ def test_profile_with_a_symm_mem_tier_round_trips(tmp_path):
 
 def test_a_stopped_sweep_is_analyzed_from_what_it_wrote(tmp_path):
     import shutil
-    import subprocess
-    import sys
 
     recorded = ROOT / "benchmarks/results/tune_h200x2"
     lines = (recorded / "sweep.csv").read_text().splitlines()
     stopped = [lines[0]] + [r for r in lines[1:] if r.startswith("0,")] + [r for r in lines[1:] if r.startswith("1,2048,")]
     (tmp_path / "sweep.csv").write_text("\n".join(stopped) + "\n")  # repeat 1 stopped after hidden 2048
     shutil.copy(recorded / "sweep_info.json", tmp_path)
-    out = subprocess.run([sys.executable, "-m", "rangedispatch.cli.tune", "tune.name=partial", "hardware=h200",
-                          f"tune.from_csv={tmp_path / 'sweep.csv'}", f"tune.out_dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = _tune("tune.name=partial", "hardware=h200", f"tune.from_csv={tmp_path / 'sweep.csv'}",
+                f"tune.out_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "fused 8 MiB (per hidden size: 2048: 8 MiB, 4096: 32 MiB, 8192: 64 MiB)" in out.stdout
+    assert "Fused kernels up to: hidden 2048: 8 MiB, hidden 4096: 32 MiB, hidden 8192: 64 MiB" in out.stdout
+    assert "The sweep stopped early: hidden [4096, 8192] has fewer repeats." in out.stdout
+
+
+def _tune(*args):
+    return subprocess.run([sys.executable, "-m", "rangedispatch.cli.tune", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def _cpu_sweep():
+    """One repeat on CPU, hidden 1024 and 2048: the reference tier wins up to 4 KiB at 1024 and 8 KiB at
+    2048; sequence parallelism wins from 32 KiB at 1024 and never at 2048; async TP never beats it."""
+    rows = []
+    for hidden, fused_to, sp_from in ((1024, 4096, 32768), (2048, 8192, None)):
+        for n in (1, 2, 4, 8, 16):
+            size = n * hidden * 2
+            times = {"nccl": 100, "reference": 80 if size <= fused_to else 110, "block_nccl": 500,
+                     "block_sp": 450 if sp_from and size >= sp_from else 520, "block_async_tp": 530}
+            rows += [dict(repeat=0, hidden=hidden, fp8=False, tokens=n, bytes=size, tier=tier, us=us)
+                     for tier, us in times.items()]
+    return rows
+
+
+def test_the_summary_says_what_the_profile_holds():
+    from rangedispatch.cli.tune import summarize
+    from rangedispatch.config import load_config
+    from rangedispatch.tune.config import TuneConfig
+
+    info = dict(card="cpu", torch="2", flashinfer="not installed", world_size=2, date="2026-12-01")
+    text, yaml_text = summarize(dict(rows=_cpu_sweep(), info=info, cuda=False), load_config(["hardware=cpu"]),
+                                TuneConfig(name="box"))
+    assert RULE in text and "One repeat: no spread between repeats was measured" in text
+    after = yaml_text.split('"2":  # measured\n')[1].splitlines()
+    measured = "\n".join(after[:next(i for i, line in enumerate(after) if not line.startswith("    "))])
+    assert f'```yaml\n"2":\n{measured}' in text  # the entry written, as written
+    assert '    sp_min_bytes_by_hidden:\n      "1024": 32768\n      "2048": 0' in measured
+    assert "sp_min_bytes: " not in measured  # 2048 never won: no tier for hidden sizes not measured
+    assert "- Sequence parallelism from: hidden 1024: 32 KiB, hidden 2048: never; other hidden sizes: never." in text
+    assert "| 1024 | False | up to 4 KiB (8 KiB: 10.0% slower) |" in text
+    assert "- Fused kernels up to: hidden 1024: 4 KiB, hidden 2048: 8 KiB; other hidden sizes: 4 KiB." in text
+    # the reference tier is one kernel: one-shot wherever fusion runs, and the summary says why
+    assert "    oneshot_max_bytes: 8192" in measured and "one-shot throughout (two-shot not measured)" in text
+    assert "- Async TP on top of it, from: hidden 1024: never, hidden 2048: never; other hidden sizes: never." in text
+
+
+def test_from_csv_names_a_missing_or_empty_sweep_in_one_line(tmp_path):
+    missing = _tune(f"tune.from_csv={tmp_path}/missing.csv", f"tune.out_dir={tmp_path}")
+    assert missing.returncode == 2 and missing.stdout == "" and missing.stderr.count("\n") == 1
+    assert f"tune.from_csv='{tmp_path}/missing.csv'" in missing.stderr and "no such file" in missing.stderr
+    (tmp_path / "sweep.csv").write_text("repeat,hidden,fp8,tokens,bytes,tier,us\n")
+    alone = _tune(f"tune.from_csv={tmp_path}/sweep.csv", f"tune.out_dir={tmp_path}")
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1 and "sweep_info.json" in alone.stderr
+    (tmp_path / "sweep_info.json").write_text(json.dumps(dict(card="cpu", torch="2", flashinfer="-", world_size=2,
+                                                              date="2026-12-01", cuda=False)))
+    empty = _tune(f"tune.from_csv={tmp_path}/sweep.csv", f"tune.out_dir={tmp_path}")
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "header only" in empty.stderr
+    assert "Traceback" not in missing.stderr + alone.stderr + empty.stderr
+
+
+def test_a_built_in_name_is_refused_before_the_sweep(tmp_path):
+    for name in ("h100", "auto"):
+        out = _tune(f"tune.name={name}", f"tune.out_dir={tmp_path}")
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and f"tune.name='{name}'" in out.stderr
+        assert "cpu, gpu_generic, h100, h200" in out.stderr and "conf/hardware" not in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written

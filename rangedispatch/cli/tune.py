@@ -1,14 +1,16 @@
 """``rangedispatch-tune``: measure every all-reduce tier over a token sweep, find the crossovers,
 write a hardware profile.
 
-    rangedispatch-tune tune.name=h100                     # spawns tune.world_size ranks
-    torchrun --nproc-per-node 4 -m rangedispatch.cli.tune tune.name=h100 hardware=h100
+    rangedispatch-tune tune.name=my_gpu                   # spawns tune.world_size ranks
+    torchrun --nproc-per-node 4 -m rangedispatch.cli.tune tune.name=my_gpu hardware=h100
     rangedispatch-tune --cfg job
 
 Tiers on GPUs: NCCL + compiled norm, fused one-shot and two-shot (each with and without FP8),
 symmetric memory one-shot and two-shot. On CPU only the reference tier exists (gloo all-reduce and
 eager math in one op): it is measured against gloo + compiled norm, and the tool says so. The
 sequence-parallel tier is measured on a 2-layer TP block against NCCL, on GPUs and CPUs alike.
+The profile follows from the sweep by the one rule in ``rangedispatch/tune/crossover.py``, which the
+summary quotes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 import hydra
@@ -26,7 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rangedispatch.cli import _common
 from rangedispatch.cli.app import hydra_app
+from rangedispatch.config.checks import fail
 from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir
+from rangedispatch.errors import ConfigError
 from rangedispatch.tune.config import TuneConfig
 
 
@@ -60,6 +65,10 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)  # the progress bar is the output here
     lib, tune = split_config(OmegaConf.create(cfg_yaml))
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # each rank its share of the cores: oversubscribed, every parallel kernel waits for a
+        # descheduled thread (the CPU sweep ran 3x slower, its timings mostly that wait)
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
     tiers = GPU_TIERS if cuda else CPU_TIERS
     info = dict(card=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,
@@ -119,92 +128,20 @@ def _version(dist_name: str) -> str:
 
 
 def summarize(result: dict, lib, tune) -> tuple[str, str]:
-    """(summary markdown, profile yaml)."""
-    from rangedispatch.tune import crossover, profile
+    """(summary markdown, profile yaml), both from one analysis of the rows."""
+    from rangedispatch.tune import crossover, profile, report
 
     rows, info = result["rows"], result["info"]
-    # what was swept, read off the rows (a recorded sweep need not match the tune config)
-    swept = f"{sorted({r['hidden'] for r in rows})}, fp8 {sorted({r['fp8'] for r in rows})}"
-    block = tuple(SP_TIERS.values())  # the sequence-parallel sweep has its own sizes
-    max_bytes = max(r["bytes"] for r in rows if r["tier"] not in block)
-    sp_bytes = max((r["bytes"] for r in rows if r["tier"] in block), default=0)
-    sp_swept = f"; the 2-layer block up to {_common.size_text(sp_bytes)}" if sp_bytes else ""
-    repeats = sorted({r["repeat"] for r in rows})
-    per_repeat = [crossover.thresholds([r for r in rows if r["repeat"] == k]) for k in repeats]
-    fused = [t.fused_max_bytes for t in per_repeat]
-    oneshot = [t.oneshot_max_bytes for t in per_repeat]
-    # a stopped sweep's last repeat may lack hidden sizes: each size takes the repeats that have it
-    by_hidden = {h: min(t.by_hidden[h] for t in per_repeat if h in t.by_hidden) for h in per_repeat[0].by_hidden}
-    final = crossover.Thresholds(min(fused), min(oneshot), per_repeat[0].series, by_hidden)
-    symm = [(t.symm_mem_min_bytes, t.symm_mem_max_bytes, t.symm_mem_oneshot_max_bytes) for t in per_repeat]
-    if all(hi for _, hi, _ in symm) and max(lo for lo, _, _ in symm) <= min(hi for _, hi, _ in symm):
-        final.symm_mem_min_bytes = max(lo for lo, _, _ in symm)
-        final.symm_mem_max_bytes = min(hi for _, hi, _ in symm)
-        final.symm_mem_oneshot_max_bytes = min(o for _, _, o in symm)
-    sp = [t.sp_min_bytes for t in per_repeat]
-    sp_measured = any(t.sp_by_hidden for t in per_repeat)
-    final.sp_min_bytes = crossover.latest_start(sp)
-    final.sp_by_hidden = crossover.latest_start_by_hidden([t.sp_by_hidden for t in per_repeat])
-    async_tp = [t.async_tp_min_bytes for t in per_repeat]
-    final.async_tp_min_bytes = crossover.latest_start(async_tp)
-    final.async_by_hidden = crossover.latest_start_by_hidden([t.async_by_hidden for t in per_repeat])
-    mib = _common.size_text
-    spread = lambda v: f"x{max(v) / min(v):.2f}" if min(v) else ("none" if max(v) == 0 else "from 0")  # noqa: E731
-    lines = [f"# rangedispatch-tune: {info['card']} x{info['world_size']}, {info['date']}", "",
-             f"torch {info['torch']}, flashinfer {info['flashinfer']}; hidden {swept}, "
-             f"up to {mib(max_bytes)} per rank{sp_swept}, {len(repeats)} repeats."
-             + "".join(f" Repeat {k} stopped early: hidden {sorted(t.by_hidden)} only."
-                       for k, t in zip(repeats, per_repeat) if set(t.by_hidden) != set(by_hidden)), "",
-             "| repeat | fused_max_bytes | oneshot_max_bytes |", "|---|---|---|"]
-    lines += [f"| {k} | {mib(f)} | {mib(o)} |" for k, (f, o) in enumerate(zip(fused, oneshot))]
-    hidden_spread = ", ".join(f"hidden {h} {spread([t.by_hidden[h] for t in per_repeat if h in t.by_hidden])}"
-                              for h in by_hidden)
-    lines += ["", f"Spread between repeats: fused {spread(fused)}, one-shot {spread(oneshot)}; per hidden size: "
-              f"{hidden_spread}. Profile (smallest of the repeats): fused {mib(final.fused_max_bytes)} "
-              f"(per hidden size: {', '.join(f'{h}: {mib(b)}' for h, b in by_hidden.items())}), "
-              f"one-shot {mib(final.oneshot_max_bytes)}.", "",
-              "Symmetric-memory tier per repeat (min..max, one-shot up to): "
-              + "; ".join(f"{mib(lo)}..{mib(hi)}, {mib(o)}" if hi else "none" for lo, hi, o in symm)
-              + (f". Profile: {mib(final.symm_mem_min_bytes)}..{mib(final.symm_mem_max_bytes)}, one-shot up to "
-                 f"{mib(final.symm_mem_oneshot_max_bytes)}." if final.symm_mem_max_bytes else ". Profile: none."), "",
-              ("Sequence-parallel tier (2-layer TP block, sequence parallelism vs NCCL) per repeat: "
-               + "; ".join(f"from {mib(b)}" if b else "never" for b in sp)
-               + (f". Profile: from {mib(final.sp_min_bytes)}" if final.sp_min_bytes else ". Profile: none")
-               + " (per hidden size: " + ", ".join(f"{h}: {_sp_text(b, mib)}" for h, b in final.sp_by_hidden.items())
-               + "). Async TP on top (vs sequence parallelism) per repeat: "
-               + "; ".join(f"from {mib(b)}" if b else "never" for b in async_tp)
-               + (f". Profile: from {mib(final.async_tp_min_bytes)}" if final.async_tp_min_bytes else ". Profile: none")
-               + " (per hidden size: " + ", ".join(f"{h}: {_sp_text(b, mib)}" for h, b in final.async_by_hidden.items())
-               + ")."
-               if sp_measured else "Sequence-parallel tier: not measured (tune.sp_max_bytes=0)."), "",
-              "| hidden | fp8 | fused pays up to (repeat 0) | one-shot up to | fused still won at the largest size "
-              "| symm-mem won (above fused) | sequence parallelism pays | async TP pays (vs it) |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {s.hidden} | {s.fp8} | {mib(s.fused_max_bytes)} | "
-              f"{'no crossover' if s.oneshot_max_bytes is None else mib(s.oneshot_max_bytes)} | {s.capped_by_sweep} | "
-              f"{_band(s.symm_band, mib)} | {_sp_text(s.sp_from, mib)} | {_sp_text(s.async_tp_from, mib)} |"
-              for s in per_repeat[0].series]
-    provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, torch {info['torch']}, "
-                  f"flashinfer {info['flashinfer']}.",
-                  f"Sweep: hidden {swept}, bf16, 1..{mib(max_bytes)} per rank{sp_swept}; "
-                  f"{len(repeats)} repeats: fused {[mib(f) for f in fused]}, one-shot {[mib(o) for o in oneshot]}.",
+    measured = crossover.thresholds(rows)
+    entry = profile.measured_entry(measured)
+    provenance = [f"{info['date']} on {info['card']} x{info['world_size']}, {report.sweep_text(rows, info)}",
+                  f"Each tier takes a size only where it beat the tier it replaces by more than {crossover.MARGIN:.0%} "
+                  "from its slowest repeat to the other's fastest; summary.md, written with this file, says why.",
                   "Thresholds are bytes of one rank's all-reduce input (tokens x hidden x dtype size)."]
     backend = "flashinfer" if result["cuda"] else "reference"
     device_name = info["card"] if result["cuda"] else "cpu"
-    return "\n".join(lines) + "\n", profile.render(tune.name, backend, info["world_size"], final, lib.hardware,
-                                                  provenance, device_name)
-
-
-def _sp_text(sp_from, mib) -> str:
-    if sp_from is None:
-        return "not measured"
-    return f"from {mib(sp_from)}" if sp_from else "lost at the largest size"
-
-
-def _band(band, mib) -> str:
-    if band is None:
-        return "not measured above fused"
-    return f"{mib(band[0])}..{mib(band[1])}" if band[0] is not None else "lost"
+    return (report.summary(rows, info, measured, entry, tune.name),
+            profile.render(tune.name, backend, info["world_size"], entry, lib.hardware, provenance, device_name))
 
 
 def plot(rows: list[dict], path: Path) -> str | None:
@@ -219,7 +156,7 @@ def plot(rows: list[dict], path: Path) -> str | None:
     series: dict = {}
     for r in rows:
         series.setdefault((r["repeat"], r["hidden"], r["fp8"]), {}).setdefault(r["bytes"], {})[r["tier"]] = r["us"]
-    from rangedispatch.tune.crossover import ASYNC_TP_TIER, FUSED_TIERS, SP_BASE, SP_TIER, SYMM_TIERS
+    from rangedispatch.tune.crossover import ASYNC_TP_TIER, FUSED_TIERS, MARGIN, SP_BASE, SP_TIER, SYMM_TIERS
 
     for (repeat, hidden, fp8), by_bytes in sorted(series.items()):
         for tiers, base, style, what in ((FUSED_TIERS, "nccl", "-" if repeat == 0 else "--", "fused"),
@@ -233,6 +170,7 @@ def plot(rows: list[dict], path: Path) -> str | None:
             ax.plot(sizes, ratio, marker="o", ms=3, ls=style,
                     label=f"{what}, hidden {hidden}{' fp8' if fp8 else ''} (repeat {repeat})")
     ax.axhline(1.0, color="gray", lw=1)
+    ax.axhline(1 - MARGIN, color="gray", lw=1, ls=":", label=f"{MARGIN:.0%} faster: a tier takes a size below this")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bytes per rank")
     ax.set_ylabel("best of tier / NCCL (+ compiled norm)")
@@ -245,11 +183,20 @@ def plot(rows: list[dict], path: Path) -> str | None:
 
 def _load_sweep(path: Path) -> dict:
     """A recorded sweep (sweep.csv and the sweep_info.json beside it) to analyze again."""
-    with open(path) as f:
-        rows = [dict(repeat=int(r["repeat"]), hidden=int(r["hidden"]), fp8=r["fp8"] == "True", tokens=int(r["tokens"]),
-                     bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"])) for r in csv.DictReader(f)]
-    info = json.loads((path.parent / "sweep_info.json").read_text())
-    return dict(rows=rows, info=info, cuda=info.pop("cuda"))
+    try:
+        with open(path) as f:
+            rows = [dict(repeat=int(r["repeat"]), hidden=int(r["hidden"]), fp8=r["fp8"] == "True",
+                         tokens=int(r["tokens"]), bytes=int(r["bytes"]), tier=r["tier"], us=float(r["us"]))
+                    for r in csv.DictReader(f)]
+        meta = json.loads((path.parent / "sweep_info.json").read_text())
+        info = {k: meta[k] for k in ("card", "torch", "flashinfer", "world_size", "date")}
+        cuda = meta["cuda"]
+    except (KeyError, TypeError, ValueError) as e:  # a missing column or key, a value that is no number
+        raise fail("tune.from_csv", str(path),
+                   f"a sweep written by rangedispatch-tune ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise fail("tune.from_csv", str(path), "a sweep with measurements (this one has its header only)")
+    return dict(rows=rows, info=info, cuda=cuda)
 
 
 @hydra.main(config_path=str(config_dir()), config_name="tune", version_base="1.3")
@@ -260,7 +207,11 @@ def main(cfg: DictConfig) -> None:
     lib, tune = split_config(cfg)
     cfg_yaml = OmegaConf.to_yaml(cfg)
     if tune.from_csv:
-        result = _load_sweep(Path(tune.from_csv))
+        try:
+            result = _load_sweep(Path(tune.from_csv))
+        except ConfigError as e:
+            print(f"rangedispatch-tune: {e}", file=sys.stderr)
+            sys.exit(2)
     elif "WORLD_SIZE" in os.environ:
         rank, world = init_from_env()
         result = measure_rank(rank, world, cfg_yaml)
@@ -277,13 +228,9 @@ def main(cfg: DictConfig) -> None:
     print(summary)
     sweep = tune.from_csv or f"{out}/sweep.csv"
     print(f"wrote {path}, {out}/summary.md" + (f"; {why}" if why else f", {out}/sweep.png") + f"; the sweep: {sweep}")
-    if (config_dir() / "hardware" / f"{tune.name}.yaml").is_file():
-        print(f"tune.name={tune.name} is a built-in profile's name, which user folders cannot override: replace "
-              f"{config_dir() / 'hardware' / (tune.name + '.yaml')} with it, or tune again under another name")
-    else:
-        print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}']), or copy {path.parent} into "
-              f"a folder of {PROFILE_PATH_ENV} or ~/.config/rangedispatch/ (then hardware={tune.name} and "
-              "hardware=auto find it everywhere)")
+    print(f"use it: load_config(['hardware={tune.name}'], config_dirs=['{out}']), or copy {path.parent} into "
+          f"a folder of {PROFILE_PATH_ENV} or ~/.config/rangedispatch/ (then hardware={tune.name} and "
+          "hardware=auto find it everywhere)")
 
 
 ABOUT = """rangedispatch-tune: measure where each all-reduce tier pays on this machine (fused one/two-shot,

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from rangedispatch.config.checks import check_int, check_int_list, check_str, fail
+from rangedispatch.config.loader import config_dir
 
 MiB = 1 << 20
 # The sweep for each key left at None: the full one on GPUs; on CPU, where only the reference tier
-# exists and the numbers only show that the tool and the profile work, one that takes about 2 minutes.
+# exists and the numbers only show that the tool and the profile work, one that takes about 2 minutes
+# on 2 cores: one hidden size, small sizes (the 2-layer block's matmuls dominate on CPU), and two
+# repeats, so that the rule sees the spread between them.
 GPU_SWEEP = dict(hidden=[2048, 4096, 8192], max_bytes=64 * MiB, sp_max_bytes=128 * MiB, fp8=[False, True], repeats=2)
-CPU_SWEEP = dict(hidden=[1024, 2048], max_bytes=2 * MiB, sp_max_bytes=256 * 1024, fp8=[False], repeats=1)
+CPU_SWEEP = dict(hidden=[1024], max_bytes=256 * 1024, sp_max_bytes=16 * 1024, fp8=[False], repeats=2)
 
 
 @dataclass
 class TuneConfig:
     SECTION = "tune"
 
-    # Name of the profile to write (conf/hardware/<name>.yaml under out_dir); load it with
-    # load_config(["hardware=<name>"], config_dirs=[out_dir]) or copy it into conf/hardware/.
+    # Name of the profile to write (hardware/<name>.yaml under out_dir); load it with
+    # load_config(["hardware=<name>"], config_dirs=[out_dir]), or copy out_dir/hardware/ into
+    # ~/.config/rangedispatch/. Not a built-in profile's name (cpu, h100, ...): those always win.
     name: str = "tuned"
     # Hidden sizes to sweep (bf16). The profile takes the most restrictive crossover over all of them.
     # None: GPU_SWEEP's or CPU_SWEEP's (above), as for the next three keys.
@@ -32,8 +37,8 @@ class TuneConfig:
     sp_max_bytes: Optional[int] = None
     # With FP8 quant after the norm, without, or both (both: the more restrictive wins).
     fp8: Optional[list[bool]] = None
-    # Whole sweeps to run; thresholds are given per repeat (their spread is the noise) and the
-    # profile takes the smallest.
+    # Whole sweeps to run. A tier takes a size only if its slowest repeat beats the other tier's
+    # fastest by the margin (rangedispatch/tune/crossover.py): more repeats, fewer thresholds moved by noise.
     repeats: Optional[int] = None
     # Ranks to spawn when not started by torchrun. Integer >= 2.
     world_size: int = 2
@@ -50,6 +55,10 @@ class TuneConfig:
         check_str(f"{k}.name", self.name)
         if not self.name.replace("_", "").replace("-", "").isalnum():
             raise fail(f"{k}.name", self.name, "letters, digits, '_' and '-'")
+        builtin = sorted(p.stem for p in (config_dir() / "hardware").glob("*.yaml"))
+        if self.name in builtin:
+            raise fail(f"{k}.name", self.name, f"a name other than the built-in profiles' ({', '.join(builtin)}), "
+                       "which a written profile could not override")
         if self.hidden is not None:
             self.hidden = check_int_list(f"{k}.hidden", self.hidden, lo=1)
             if not self.hidden:
@@ -67,6 +76,12 @@ class TuneConfig:
         check_int(f"{k}.calls_per_graph", self.calls_per_graph, lo=1)
         check_int(f"{k}.replays", self.replays, lo=1)
         check_str(f"{k}.out_dir", self.out_dir)
+        if self.from_csv and not Path(self.from_csv).is_file():
+            raise fail(f"{k}.from_csv", self.from_csv, "the path of a sweep.csv written by rangedispatch-tune; "
+                       "no such file")
+        if self.from_csv and not (Path(self.from_csv).parent / "sweep_info.json").is_file():
+            raise fail(f"{k}.from_csv", self.from_csv, "a sweep.csv with the sweep_info.json written beside it; "
+                       "that file is missing")
 
     def for_device(self, cuda: bool) -> "TuneConfig":
         """This config with every key left at None taken from the GPU or the CPU sweep."""

@@ -1,63 +1,110 @@
-"""From a sweep of timings to byte thresholds, robust to noise.
+"""From a sweep of timings to byte thresholds, by one rule.
 
-A sweep is rows ``{hidden, tokens, bytes, fp8, tier, us}`` with tier ``nccl`` (NCCL + compiled norm)
-and fused tiers (``oneshot``, ``twoshot`` on GPUs; ``reference`` on CPU). Per series (hidden size x FP8 or not), sorted by bytes, the
-ratio fused / nccl is smoothed with a median of each inner point and its neighbours (one noisy
-point neither ends nor extends a run; the end points count as measured: a loss at the smallest size
-means never, at the largest it stops the run); fusion pays up to the last point of the leading run
-of wins. The
-profile takes the most restrictive series, never a size beyond the sweep. One-shot vs two-shot is
-decided the same way inside the fused sizes.
+The rule (``RULE`` below, quoted in every summary): a tier takes a size from the tier it would
+replace only if it is faster there by more than ``MARGIN``, counted from its slowest repeat to the
+other's fastest, so that a gap inside the spread between repeats never moves a threshold (with one
+repeat no spread is measured and the margin alone decides). A size whose two neighbours both
+disagree with it takes their verdict, so one odd point neither ends nor extends a run. The tier
+serves the unbroken run of sizes it took from the end it is built for, and the profile gives it
+only the sizes that every series measuring it gave it. Everywhere else the tier it would replace
+stays.
 
-The symmetric-memory tiers (``symm_oneshot``, ``symm_twoshot``: its all-reduce + compiled norm)
-only serve sizes the fused tier leaves, so per series they are judged from the first size above that
-series' fused limit: the run of wins around it gives the series' band (the run may reach below the
-fused limit: the band is in bytes, and hidden sizes with a lower fused limit use that part); a loss
-there caps the tier at the fused limit (it is never used at that hidden size). The profile takes the
-highest start and lowest end over the series: ``[symm_mem_min_bytes, symm_mem_max_bytes]``.
+A sweep is rows ``{repeat, hidden, fp8, tokens, bytes, tier, us}``; a series is one hidden size with
+or without FP8. The comparisons, each ``challenger`` against ``incumbent``:
 
-The sequence-parallel tier is timed on its own unit (``block_nccl`` vs ``block_sp``: a 2-layer TP
-block without and with it; ``block_async_tp``: with async TP on top). It serves the largest sizes,
-so per series it pays (in its better form) from the start of the trailing run of wins; a loss at
-the largest size means never. The profile keeps each hidden size's start (``sp_min_bytes_by_hidden``,
-0: never) and, for hidden sizes not measured, the latest start over the series (``sp_min_bytes``;
-no tier if any measured series never wins). Async TP is judged the same way against plain sequence
-parallelism, per hidden size (``async_by_hidden``) and, for hidden sizes not measured, the latest
-start (``async_tp_min_bytes``; none if any measured series never wins).
-Both add collectives and workspaces, so a win there means at least ``SP_MIN_GAIN`` faster: a
-0.1% edge at one size is within the spread between repeats.
+- fused (the faster of ``oneshot``/``twoshot`` on GPUs, ``reference`` on CPU) against ``nccl``
+  (NCCL + compiled norm), from the smallest size: ``fused_max_bytes_by_hidden`` is the least over a
+  hidden size's series, ``fused_max_bytes`` (for hidden sizes not measured) the least over all.
+- ``twoshot`` against ``oneshot`` inside a series' fused sizes, from the largest of them: one-shot
+  keeps the sizes below two-shot's run; ``oneshot_max_bytes`` is the largest of those limits.
+- symmetric memory (the faster of ``symm_oneshot``/``symm_twoshot``: its all-reduce + compiled norm)
+  against ``nccl``, around the first size above the series' fused limit (the sizes it is for): the
+  profile's band runs from the highest start to the lowest end (a series that lost there ends it at
+  its fused limit); ``symm_twoshot`` against ``symm_oneshot`` inside it as for the fused kernels.
+- sequence parallelism (the faster of ``block_sp``/``block_async_tp``: a 2-layer TP block with it,
+  plain or with async TP on top) against ``block_nccl`` (the block without it), from the largest
+  size; ``block_async_tp`` against ``block_sp`` the same way. Per hidden size and, for hidden sizes
+  not measured, over all: the latest start, and no tier if one series never won.
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 FUSED_TIERS = ("oneshot", "twoshot", "reference")
 SYMM_TIERS = ("symm_oneshot", "symm_twoshot")
 SP_BASE, SP_TIER, ASYNC_TP_TIER = "block_nccl", "block_sp", "block_async_tp"
-SP_MIN_GAIN = 0.01  # the sequence-parallel forms win where they are at least 1% faster
+MARGIN = 0.03  # more than the recorded H200 sweeps' repeats lay apart at 9 sizes in 10 (under 2%)
+RULE = (f"A tier takes a size from the tier it would replace only if it is faster there by more than "
+        f"{MARGIN:.0%}, counted from its slowest repeat to the other's fastest (so a gap inside the spread "
+        f"between repeats never moves a threshold; with one repeat the margin alone decides). A size whose "
+        f"two neighbours both disagree with it takes their verdict. The tier serves the unbroken run of "
+        f"sizes it took from the end it is built for (fused kernels: the smallest size; symmetric "
+        f"memory: the first size above the fused limit; two-shot, sequence parallelism, async TP: the "
+        f"largest), and the profile gives it only the sizes that every series measuring it gave it. "
+        f"Everywhere else the tier it would replace stays.")
+
+
+@dataclass
+class Comparison:
+    """A challenger against the tier it would replace, in one series: per size, the gain of the
+    challenger's slowest repeat over the incumbent's fastest (0.1: 10% faster), and whether it
+    took the size (the margin, then the neighbours' vote)."""
+
+    sizes: list[int]
+    gains: list[float]
+    took: list[bool]
+
+    def leading_end(self) -> Optional[int]:
+        """The index of the last size of the leading run of taken sizes; None: it lost the first."""
+        end = None
+        for i, took in enumerate(self.took):
+            if not took:
+                break
+            end = i
+        return end
+
+    def trailing_start(self) -> Optional[int]:
+        """The index of the first size of the trailing run of taken sizes; None: it lost the last."""
+        if not self.took or not self.took[-1]:
+            return None
+        start = len(self.took) - 1
+        while start > 0 and self.took[start - 1]:
+            start -= 1
+        return start
+
+    def around(self, at: int) -> Optional[tuple[int, int]]:
+        """The indices of the run of taken sizes around ``at``; None: it lost there."""
+        if not self.took[at]:
+            return None
+        lo = hi = at
+        while lo > 0 and self.took[lo - 1]:
+            lo -= 1
+        while hi < len(self.took) - 1 and self.took[hi + 1]:
+            hi += 1
+        return lo, hi
 
 
 @dataclass
 class SeriesResult:
     hidden: int
     fp8: bool
-    fused_max_bytes: int
-    oneshot_max_bytes: Optional[int]  # None: one-shot never lost to two-shot inside the fused sizes
-    capped_by_sweep: bool  # fusion still paid at the largest size measured
-    # where symm-mem beat NCCL, around the first size above the fused ones: (start, end); start None:
+    fused_max_bytes: int  # 0: fusion lost at the smallest size
+    oneshot_max_bytes: Optional[int]  # None: two-shot took no fused size (or was not measured)
+    # where symm-mem took sizes around the first size above the fused ones: (start, end); start None:
     # it lost there (end = the fused limit); band None: nothing measured above the fused sizes
     symm_band: Optional[tuple[Optional[int], int]] = None
-    symm_oneshot_max_bytes: Optional[int] = None  # None: symm one-shot never lost to two-shot in the band
-    sp_from: Optional[int] = None  # sequence parallelism pays from here to the largest size; 0: lost there; None: not measured
-    async_tp_from: Optional[int] = None  # async TP beats plain sequence parallelism from here; same codes
+    symm_oneshot_max_bytes: Optional[int] = None  # None: symm two-shot took no size in the band
+    sp_from: Optional[int] = None  # sequence parallelism from here to the largest size; 0: lost there; None: not measured
+    async_tp_from: Optional[int] = None  # async TP (vs plain sequence parallelism) from here; same codes
+    # the evidence, by comparison: "fused", "twoshot", "symm", "sp", "async_tp"
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
 
 
 @dataclass
 class Thresholds:
-    fused_max_bytes: int  # the most restrictive over all hidden sizes: for hidden sizes not measured
+    fused_max_bytes: int  # the least over all series: for hidden sizes not measured
     oneshot_max_bytes: int
     series: list[SeriesResult] = field(default_factory=list)
     by_hidden: dict[int, int] = field(default_factory=dict)  # fused_max_bytes per measured hidden size
@@ -70,76 +117,64 @@ class Thresholds:
     async_by_hidden: dict[int, int] = field(default_factory=dict)  # per measured hidden size; 0: never there
 
 
-def smoothed(values: list[float]) -> list[float]:
-    """Median of each inner value and its two neighbours; the end values as they are."""
-    return [v if i in (0, len(values) - 1) else statistics.median(values[i - 1:i + 2]) for i, v in enumerate(values)]
+# one series: {bytes: {tier: {repeat: us}}}
+Points = dict[int, dict[str, dict[int, float]]]
 
 
-def leading_run_end(sizes: list[int], ratios: list[float]) -> Optional[int]:
-    """The last size of the leading run where the smoothed ratio is <= 1 (None if the first loses)."""
-    end = None
-    for size, ratio in zip(sizes, smoothed(ratios)):
-        if ratio > 1.0:
-            break
-        end = size
-    return end
+def _repeats(point: dict[str, dict[int, float]], tiers: tuple[str, ...]) -> list[float]:
+    """Per repeat, the fastest of ``tiers`` at one size."""
+    by_repeat: dict[int, float] = {}
+    for tier in tiers:
+        for repeat, us in point.get(tier, {}).items():
+            by_repeat[repeat] = min(us, by_repeat.get(repeat, us))
+    return list(by_repeat.values())
 
 
-def run_around(sizes: list[int], ratios: list[float], at: int) -> Optional[tuple[int, int]]:
-    """The run of sizes around ``sizes[at]`` where the smoothed ratio is <= 1, or None if it loses there."""
-    wins = [r <= 1.0 for r in smoothed(ratios)]
-    if not wins[at]:
+def compare(points: Points, challenger: tuple[str, ...], incumbent: tuple[str, ...],
+            sizes: Optional[Iterable[int]] = None) -> Comparison:
+    """The rule's verdict at each size (of ``sizes``, default all) where both were measured."""
+    sizes = [b for b in sorted(points if sizes is None else sizes)
+             if _repeats(points[b], challenger) and _repeats(points[b], incumbent)]
+    gains = [1 - max(_repeats(points[b], challenger)) / min(_repeats(points[b], incumbent)) for b in sizes]
+    won = [g > MARGIN for g in gains]
+    took = [w if i in (0, len(won) - 1) else sum(won[i - 1:i + 2]) >= 2 for i, w in enumerate(won)]
+    return Comparison(sizes, gains, took)
+
+
+def _oneshot_limit(c: Comparison) -> Optional[int]:
+    """One-shot keeps the sizes below two-shot's trailing run: the size below it; 0 if two-shot took
+    them all; None if it took none."""
+    start = c.trailing_start()
+    if start is None:
         return None
-    lo = hi = at
-    while lo > 0 and wins[lo - 1]:
-        lo -= 1
-    while hi < len(sizes) - 1 and wins[hi + 1]:
-        hi += 1
-    return sizes[lo], sizes[hi]
+    return c.sizes[start - 1] if start else 0
 
 
-def _one_vs_two(by_bytes: dict[int, dict[str, float]], sizes: list[int], one: str, two: str) -> Optional[int]:
-    """Inside ``sizes``: one-shot up to the end of its leading run of wins over two-shot; None if
-    it never lost (or nothing to compare), 0 if it lost from the start."""
-    both = [b for b in sizes if one in by_bytes[b] and two in by_bytes[b]]
-    if not both:
+def series_result(hidden: int, fp8: bool, points: Points) -> Optional[SeriesResult]:
+    fused = compare(points, FUSED_TIERS, ("nccl",))
+    if not fused.sizes:
         return None
-    end = leading_run_end(both, [by_bytes[b][one] / by_bytes[b][two] for b in both]) or 0
-    return None if end == both[-1] else end
-
-
-def _symm_band(by_bytes: dict[int, dict[str, float]], fused_max: int) -> Optional[tuple[Optional[int], int]]:
-    sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and any(k in t for k in SYMM_TIERS))
-    above = [i for i, b in enumerate(sizes) if b > fused_max]
-    if not above:
-        return None
-    ratios = [min(v for k, v in by_bytes[b].items() if k in SYMM_TIERS) / by_bytes[b]["nccl"] for b in sizes]
-    return run_around(sizes, ratios, above[0]) or (None, fused_max)
-
-
-def _sp_from(by_bytes: dict[int, dict[str, float]]) -> Optional[int]:
-    sizes = sorted(b for b, t in by_bytes.items() if SP_BASE in t and SP_TIER in t)
-    best = [min(v for k, v in by_bytes[b].items() if k in (SP_TIER, ASYNC_TP_TIER)) for b in sizes]
-    return trailing_run_start(sizes, [v / by_bytes[b][SP_BASE] for v, b in zip(best, sizes)])
-
-
-def _async_tp_from(by_bytes: dict[int, dict[str, float]]) -> Optional[int]:
-    sizes = sorted(b for b, t in by_bytes.items() if SP_TIER in t and ASYNC_TP_TIER in t)
-    return trailing_run_start(sizes, [by_bytes[b][ASYNC_TP_TIER] / by_bytes[b][SP_TIER] for b in sizes])
-
-
-def trailing_run_start(sizes: list[int], ratios: list[float]) -> Optional[int]:
-    """The first size of the trailing run of (smoothed) wins by ``SP_MIN_GAIN``; 0: lost at the
-    largest size; None: no sizes."""
-    if not sizes:
-        return None
-    wins = [r <= 1.0 - SP_MIN_GAIN for r in smoothed(ratios)]
-    if not wins[-1]:
-        return 0
-    start = len(sizes) - 1
-    while start > 0 and wins[start - 1]:
-        start -= 1
-    return sizes[start]
+    end = fused.leading_end()
+    fused_max = 0 if end is None else fused.sizes[end]
+    twoshot = compare(points, ("twoshot",), ("oneshot",), [b for b in fused.sizes if b <= fused_max])
+    out = SeriesResult(hidden, fp8, fused_max, _oneshot_limit(twoshot), comparisons=dict(fused=fused, twoshot=twoshot))
+    symm = compare(points, SYMM_TIERS, ("nccl",))
+    above = [i for i, b in enumerate(symm.sizes) if b > fused_max]
+    if above:
+        run = symm.around(above[0])
+        out.symm_band = (symm.sizes[run[0]], symm.sizes[run[1]]) if run else (None, fused_max)
+        if run:
+            inside = compare(points, ("symm_twoshot",), ("symm_oneshot",), symm.sizes[run[0]:run[1] + 1])
+            out.symm_oneshot_max_bytes = _oneshot_limit(inside)
+    out.comparisons["symm"] = symm
+    for key, challenger, incumbent in (("sp", (SP_TIER, ASYNC_TP_TIER), SP_BASE),
+                                       ("async_tp", (ASYNC_TP_TIER,), SP_TIER)):
+        c = compare(points, challenger, (incumbent,))
+        out.comparisons[key] = c
+        if c.sizes:
+            start = c.trailing_start()
+            setattr(out, "sp_from" if key == "sp" else "async_tp_from", 0 if start is None else c.sizes[start])
+    return out
 
 
 def latest_start(starts: Iterable[int]) -> int:
@@ -148,53 +183,37 @@ def latest_start(starts: Iterable[int]) -> int:
     return max(starts) if starts and all(starts) else 0
 
 
-def latest_start_by_hidden(per_repeat: list[dict[int, int]]) -> dict[int, int]:
-    """Per hidden size: the latest start over the repeats that measured it; 0 (never) if one never won."""
-    hidden = sorted({h for r in per_repeat for h in r})
-    return {h: latest_start(r[h] for r in per_repeat if h in r) for h in hidden}
-
-
-def _series(rows: list[dict]) -> dict[tuple[int, bool], dict[int, dict[str, float]]]:
-    out: dict[tuple[int, bool], dict[int, dict[str, float]]] = {}
-    for r in rows:
-        out.setdefault((r["hidden"], r["fp8"]), {}).setdefault(r["bytes"], {})[r["tier"]] = r["us"]
-    return out
+def _by_hidden(results: list[SeriesResult], pick, combine) -> dict[int, int]:
+    values: dict[int, list[int]] = {}
+    for s in results:
+        if pick(s) is not None:
+            values.setdefault(s.hidden, []).append(pick(s))
+    return {h: combine(v) for h, v in sorted(values.items())}
 
 
 def thresholds(rows: Iterable[dict]) -> Thresholds:
-    results = []
-    for (hidden, fp8), by_bytes in sorted(_series(list(rows)).items()):
-        sizes = sorted(b for b, t in by_bytes.items() if "nccl" in t and any(k in t for k in FUSED_TIERS))
-        if not sizes:
-            continue
-        fused = [min(v for k, v in by_bytes[b].items() if k in FUSED_TIERS) for b in sizes]
-        ratios = [f / by_bytes[b]["nccl"] for f, b in zip(fused, sizes)]
-        fused_max = leading_run_end(sizes, ratios) or 0
-        oneshot_max = _one_vs_two(by_bytes, [b for b in sizes if b <= fused_max], "oneshot", "twoshot")
-        band = _symm_band(by_bytes, fused_max)
-        symm_oneshot = _one_vs_two(by_bytes, [b for b in sizes if band and band[0] <= b <= band[1]],
-                                   "symm_oneshot", "symm_twoshot") if band and band[0] is not None else None
-        results.append(SeriesResult(hidden, fp8, fused_max, oneshot_max, capped_by_sweep=fused_max == sizes[-1],
-                                    symm_band=band, symm_oneshot_max_bytes=symm_oneshot, sp_from=_sp_from(by_bytes),
-                                    async_tp_from=_async_tp_from(by_bytes)))
+    """The rule applied to every series of ``rows`` (repeats are told apart by ``repeat``, default 0)."""
+    series: dict[tuple[int, bool], Points] = {}
+    for r in rows:
+        point = series.setdefault((r["hidden"], r["fp8"]), {}).setdefault(r["bytes"], {})
+        point.setdefault(r["tier"], {})[r.get("repeat", 0)] = r["us"]
+    results = [s for (hidden, fp8), points in sorted(series.items()) if (s := series_result(hidden, fp8, points))]
     if not results:
-        return Thresholds(0, 0, [])
-    by_hidden: dict[int, int] = {}
-    for s in results:
-        by_hidden[s.hidden] = min(by_hidden.get(s.hidden, s.fused_max_bytes), s.fused_max_bytes)
-    crossovers = [s.oneshot_max_bytes for s in results if s.oneshot_max_bytes is not None]
-    oneshot_max = min(crossovers) if crossovers else max(by_hidden.values())
-    out = Thresholds(min(by_hidden.values()), oneshot_max, results, by_hidden)
-    out.sp_by_hidden = {s.hidden: s.sp_from for s in results if s.sp_from is not None}
-    out.sp_min_bytes = latest_start(out.sp_by_hidden.values())
-    out.async_by_hidden = {s.hidden: s.async_tp_from for s in results if s.async_tp_from is not None}
-    out.async_tp_min_bytes = latest_start(out.async_by_hidden.values())
-    bands = [s.symm_band for s in results if s.symm_band is not None]
-    starts = [b[0] for b in bands if b[0] is not None]
-    if starts:
-        lo, hi = max(starts), min(b[1] for b in bands)
+        return Thresholds(0, 0)
+    by_hidden = _by_hidden(results, lambda s: s.fused_max_bytes, min)
+    # two-shot only where every series gave it the size: one-shot up to the largest limit
+    oneshot = max(s.fused_max_bytes if s.oneshot_max_bytes is None else s.oneshot_max_bytes for s in results)
+    out = Thresholds(min(by_hidden.values()), oneshot, results, by_hidden)
+    out.sp_by_hidden = _by_hidden(results, lambda s: s.sp_from, latest_start)
+    out.sp_min_bytes = latest_start(s.sp_from for s in results if s.sp_from is not None)
+    out.async_by_hidden = _by_hidden(results, lambda s: s.async_tp_from, latest_start)
+    out.async_tp_min_bytes = latest_start(s.async_tp_from for s in results if s.async_tp_from is not None)
+    bands = [s for s in results if s.symm_band is not None]
+    won = [s for s in bands if s.symm_band[0] is not None]
+    if won:
+        lo, hi = max(s.symm_band[0] for s in won), min(s.symm_band[1] for s in bands)
         if lo <= hi:
-            symm_crossovers = [s.symm_oneshot_max_bytes for s in results if s.symm_oneshot_max_bytes is not None]
             out.symm_mem_min_bytes, out.symm_mem_max_bytes = lo, hi
-            out.symm_mem_oneshot_max_bytes = min(symm_crossovers) if symm_crossovers else hi
+            out.symm_mem_oneshot_max_bytes = min(hi, max(s.symm_band[1] if s.symm_oneshot_max_bytes is None
+                                                         else s.symm_oneshot_max_bytes for s in won))
     return out

@@ -9,10 +9,20 @@ from rangedispatch.config.schema import HardwareConfig, TierThresholds
 from rangedispatch.tune.crossover import Thresholds
 
 
-def render(name: str, fused_backend: str, world_size: int, measured: Thresholds, base: HardwareConfig,
+def measured_entry(measured: Thresholds) -> TierThresholds:
+    """The profile's entry for the measured world size: the one object that both the YAML and the
+    summary are written from."""
+    return TierThresholds(
+        measured.fused_max_bytes, measured.oneshot_max_bytes, {str(h): b for h, b in sorted(measured.by_hidden.items())},
+        measured.symm_mem_min_bytes, measured.symm_mem_max_bytes, measured.symm_mem_oneshot_max_bytes,
+        measured.sp_min_bytes, {str(h): b for h, b in sorted(measured.sp_by_hidden.items())},
+        measured.async_tp_min_bytes, {str(h): b for h, b in sorted(measured.async_by_hidden.items())})
+
+
+def render(name: str, fused_backend: str, world_size: int, measured: TierThresholds, base: HardwareConfig,
            provenance: list[str], device_name: str = "") -> str:
-    """The profile: ``measured`` for ``world_size``, every other world size kept from ``base``;
-    ``device_name`` lets ``hardware=auto`` pick it on that device."""
+    """The profile: ``measured`` (``measured_entry``) for ``world_size``, every other world size kept
+    from ``base``; ``device_name`` lets ``hardware=auto`` pick it on that device."""
     lines = [f"# Written by rangedispatch-tune. {line}" if i == 0 else f"# {line}" for i, line in enumerate(provenance)]
     lines += [f"name: {name}", f"fused_backend: {fused_backend}"]
     if device_name:
@@ -25,19 +35,14 @@ def render(name: str, fused_backend: str, world_size: int, measured: Thresholds,
     lines.append("thresholds:")
     entries = {ws: t for ws, t in base.thresholds.items() if ws != str(world_size)}
     order = sorted(entries, key=lambda k: (k == "default", int(k) if k.isdigit() else 0))
-    as_profile = TierThresholds(
-        measured.fused_max_bytes, measured.oneshot_max_bytes, {str(h): b for h, b in sorted(measured.by_hidden.items())},
-        measured.symm_mem_min_bytes, measured.symm_mem_max_bytes, measured.symm_mem_oneshot_max_bytes,
-        measured.sp_min_bytes, {str(h): b for h, b in sorted(measured.sp_by_hidden.items())},
-        measured.async_tp_min_bytes, {str(h): b for h, b in sorted(measured.async_by_hidden.items())})
-    lines += [f'  "{world_size}":  # measured', *_entry(as_profile)]
+    lines += [f'  "{world_size}":  # measured', *entry_lines(measured)]
     for ws in order:
         key = ws if ws == "default" else f'"{ws}"'
-        lines += [f"  {key}:  # kept from profile {base.name!r}", *_entry(entries[ws])]
+        lines += [f"  {key}:  # kept from profile {base.name!r}", *entry_lines(entries[ws])]
     return "\n".join(lines) + "\n"
 
 
-def _entry(t: TierThresholds) -> list[str]:
+def entry_lines(t: TierThresholds) -> list[str]:
     """Every key of ``t`` the profile needs: the two fused ones always, the others where they differ
     from their default (so a key added to ``TierThresholds`` is never dropped from a kept entry)."""
     lines = []
