@@ -236,7 +236,7 @@ def main(cfg: DictConfig) -> None:
 ABOUT = """rangedispatch-tune: measure where each all-reduce tier pays on this machine (fused one/two-shot,
 symmetric memory, NCCL) and write a hardware profile with its provenance, sweep CSV/PNG and summary.
 
-Main keys (tune.*: rangedispatch/tune/config.py):
+Main keys (every key, its meaning and default: docs/configuration.md in the rangedispatch repository):
   tune.name=<profile name>   tune.world_size=2   tune.out_dir=tune-results   tune.from_csv=<sweep.csv>
 
 Examples:

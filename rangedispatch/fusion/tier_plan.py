@@ -98,9 +98,10 @@ class TierPlan:
             return 0
         max_bytes = self.hardware.thresholds_for(site.world_size).fused_max_bytes_for(site.hidden)
         limit = max_bytes // site.bytes_per_token
-        log.info("fusion pays up to %d tokens for group %s (world size %d, hidden %d, %d bytes/token, hardware %s: "
-                 "%d bytes)", limit, site.group_name, site.world_size, site.hidden, site.bytes_per_token,
-                 self.hardware.name, max_bytes)
+        where = "at every size" if limit >= self.max_num_tokens else f"up to {limit} tokens"
+        log.info("fusion pays %s for group %s (world size %d, hidden %d, %d bytes/token, hardware %s: %d bytes)",
+                 where, site.group_name, site.world_size, site.hidden, site.bytes_per_token, self.hardware.name,
+                 max_bytes)
         return limit
 
     def _symm_tokens(self, site: AllReduceSite, fused: int) -> Optional[tuple[int, int]]:
