@@ -311,7 +311,8 @@ class RangeCompiler:
         ops has no collectives yet (DTensor emits them during AOT dispatch): its post-grad graph,
         from a compile stopped right after the post-grad passes, is where the passes find them."""
         tokens, token_sources = self.traced_call()
-        reason = torch_internals.recompile_reason() or ("first trace" if not self.graphs else "a graph break")
+        reason = (torch_internals.recompile_reason() or ("first trace" if not self.graphs else "a graph break"))
+        reason = reason.splitlines()[0].strip()  # Dynamo's reason goes on with the user's stack
         graph = RangeGraph(self, len(self.graphs), gm, tokens, token_sources, reason)
         if _holds_dtensors(gm):
             start = time.perf_counter()

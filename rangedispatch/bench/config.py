@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 from rangedispatch.bench.hf_models import ATTENTIONS, TP_STYLES
 from rangedispatch.config.checks import check_choice, check_int, check_int_list, check_str, fail
 
-LEVELS = ("op", "model", "hf")
+LEVELS = ("op", "model", "hf", "generate")
+GENERATE_VARIANTS = ("eager", "hf_compiled_static", "torch_compile", "rangedispatch")
 # bench.smoke: shapes a CPU runs in about a minute per level
 SMOKE = dict(op_hidden=[256], op_tokens=[1, 8, 64], fp8=[False], model_shapes=[[256, 1024]],
-             model_tokens=[1, 8, 64, 256], hf_shapes=[[256, 512]], hf_tokens=[1, 8, 64], calls_per_graph=2, replays=3)
+             model_tokens=[1, 8, 64, 256], hf_shapes=[[256, 512]], hf_tokens=[1, 8, 64], calls_per_graph=2, replays=3,
+             generate_shapes=[[256, 512, 2]], generate_batch=[1], generate_prompt=16, generate_new_tokens=6,
+             generate_repeats=1)
 
 
 @dataclass
@@ -19,9 +22,11 @@ class BenchConfig:
     SECTION = "bench"
 
     # Which sweeps to run: "op" (all-reduce + residual + RMSNorm per kernel tier), "model" (a TP
-    # block through each compile variant), "hf" (a HF Llama-shaped decoder under TP; needs transformers).
+    # block through each compile variant), "hf" (a HF Llama-shaped decoder under TP; needs transformers),
+    # "generate" (HF generate end to end: time to first token, per output token, tokens/s).
     levels: list[str] = field(default_factory=lambda: ["op", "model"])
-    # Ranks to spawn when not started by torchrun (one GPU each). Integer >= 2.
+    # Ranks to spawn when not started by torchrun (one GPU each). Integer >= 1; the op, model and hf
+    # levels need 2 or more.
     world_size: int = 2
     # Op level: hidden sizes and token counts.
     op_hidden: list[int] = field(default_factory=lambda: [8192])
@@ -48,6 +53,22 @@ class BenchConfig:
     # of their own (dispatch.compile_sizes, autotuned as compile.max_autotune says), as the variant
     # range_dispatch_sizes. Range-dispatch rows record their range's compile seconds either way.
     compile_sizes: list[int] = field(default_factory=list)
+    # Generate level: [hidden, intermediate, layers] of a LlamaForCausalLM (heads of 128, 8 KV heads,
+    # vocabulary 32000); the default is Llama-3-8B's shape.
+    generate_shapes: list[list[int]] = field(default_factory=lambda: [[4096, 14336, 32]])
+    # Generate level: batch sizes, prompt length and new tokens per generate (greedy).
+    generate_batch: list[int] = field(default_factory=lambda: [1, 8])
+    generate_prompt: int = 512
+    generate_new_tokens: int = 256
+    # Generate level: timed generates per measurement (the median is reported), after one untimed.
+    generate_repeats: int = 3
+    # Generate level: variants besides eager (always run: the others' tokens are compared with it):
+    # hf_compiled_static, torch_compile, rangedispatch (rangedispatch/bench/generate.py).
+    generate_variants: list[str] = field(default_factory=lambda: ["hf_compiled_static", "torch_compile",
+                                                                    "rangedispatch"])
+    # Generate level: the HBM bandwidth in TB/s for the per-token floor (weights per rank / bandwidth):
+    # 4.8 for an H200, 3.35 for an H100 SXM.
+    hbm_tb_s: float = 4.8
     # Timing: calls captured per CUDA graph, and graph replays (the median is reported).
     calls_per_graph: int = 10
     replays: int = 20
@@ -64,7 +85,21 @@ class BenchConfig:
             raise fail(f"{k}.levels", self.levels, "a non-empty list of " + ", ".join(LEVELS))
         for level in self.levels:
             check_choice(f"{k}.levels", level, LEVELS)
-        check_int(f"{k}.world_size", self.world_size, lo=2)
+        check_int(f"{k}.world_size", self.world_size, lo=1)
+        if self.world_size < 2 and set(self.levels) - {"generate"}:
+            raise fail(f"{k}.world_size", self.world_size, "2 or more for the op, model and hf levels")
+        for shape in self.generate_shapes:
+            if not (isinstance(shape, list) and len(shape) == 3):
+                raise fail(f"{k}.generate_shapes", self.generate_shapes, "a list of [hidden, intermediate, layers]")
+            check_int_list(f"{k}.generate_shapes", shape, lo=1)
+        self.generate_batch = check_int_list(f"{k}.generate_batch", self.generate_batch, lo=1)
+        check_int(f"{k}.generate_prompt", self.generate_prompt, lo=1)
+        check_int(f"{k}.generate_new_tokens", self.generate_new_tokens, lo=2)
+        check_int(f"{k}.generate_repeats", self.generate_repeats, lo=1)
+        for variant in self.generate_variants:
+            check_choice(f"{k}.generate_variants", variant, GENERATE_VARIANTS)
+        if not isinstance(self.hbm_tb_s, (int, float)) or isinstance(self.hbm_tb_s, bool) or self.hbm_tb_s <= 0:
+            raise fail(f"{k}.hbm_tb_s", self.hbm_tb_s, "a number > 0 (TB/s)")
         self.op_hidden = check_int_list(f"{k}.op_hidden", self.op_hidden, lo=1)
         self.op_tokens = check_int_list(f"{k}.op_tokens", self.op_tokens, lo=1)
         if not isinstance(self.fp8, list) or not all(isinstance(v, bool) for v in self.fp8) or not self.fp8:

@@ -34,21 +34,20 @@ ROW = ("self_attn.o_proj", "mlp.down_proj")
 
 def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: int = 4, kv_heads: int = 2,
           vocab: int = 128, dtype: torch.dtype = torch.float32, device: str = "cpu",
-          attention: str = "hf_default") -> nn.Module:
+          attention: str = "hf_default", lm_head_scale: float = 0.0) -> nn.Module:
     """A ``<Family>Model`` (the decoder stack, no LM head) with seed-0 random weights, its attention
-    one of ``ATTENTIONS``."""
+    one of ``ATTENTIONS``. ``lm_head_scale`` > 0: a ``<Family>ForCausalLM`` instead (for
+    ``generate``), its LM head scaled by that factor: random weights give near-tied logits, and
+    greedy tokens would flip between numerically different but correct paths."""
     import transformers
 
     if attention == "sdpa_is_causal":
         transformers.AttentionInterface.register(attention, _sdpa_is_causal)
         transformers.AttentionMaskInterface.register(attention, _no_mask_tensor)
 
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaModel),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2Model),
-        "gemma2": (transformers.Gemma2Config, transformers.Gemma2Model),
-        "phi3": (transformers.Phi3Config, transformers.Phi3Model),
-    }[family]
+    name = {"llama": "Llama", "qwen2": "Qwen2", "gemma2": "Gemma2", "phi3": "Phi3"}[family]
+    config_cls = getattr(transformers, f"{name}Config")
+    model_cls = getattr(transformers, f"{name}ForCausalLM" if lm_head_scale else f"{name}Model")
     config = config_cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                         vocab_size=vocab, max_position_embeddings=32768, pad_token_id=0)
@@ -59,6 +58,9 @@ def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: i
     torch.manual_seed(0)
     with torch.device(device):
         model = model_cls(config).to(dtype).eval()
+    if lm_head_scale:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(lm_head_scale)
     if attention == "sdpa_is_causal":
         model.config._attn_implementation = attention
     return model

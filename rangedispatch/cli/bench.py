@@ -51,8 +51,10 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         total += len(bench.model_shapes) * len(bench.model_tokens) * (5 + bool(bench.compile_sizes) + skinny)
     if "hf" in bench.levels:
         total += len(bench.hf_shapes) * len(bench.hf_tp) * len(bench.hf_tokens) * (2 + bool(bench.compile_sizes) + skinny)
+    if "generate" in bench.levels:
+        total += len(bench.generate_shapes) * len(bench.generate_batch) * (1 + len(set(bench.generate_variants) - {"eager"}))
     step = _common.progress(total, rank, "timings")
-    rows, boundaries = [], {}
+    rows, generate_rows, boundaries = [], [], {}
 
     def keep(new_rows: list[dict]) -> None:
         """Each finished sweep goes into results.csv at once: a stopped run keeps what it measured."""
@@ -79,10 +81,30 @@ def run_rank(rank: int, world: int, cfg_yaml: str) -> dict:
                                        bench.calls_per_graph, bench.replays, step, bench.compile_sizes,
                                        bench.hf_attention)
                 keep(r)
+    if "generate" in bench.levels:
+        from rangedispatch.bench import generate
+
+        for hidden, intermediate, layers in bench.generate_shapes:
+            for batch in bench.generate_batch:
+                generate_rows += generate.generate_level(
+                    lib, hidden, intermediate, layers, batch, bench.generate_prompt, bench.generate_new_tokens,
+                    bench.generate_repeats, bench.generate_variants, bench.hf_tp[0], bench.hbm_tb_s, step)
+                if rank == 0:
+                    Path(bench.out_dir).mkdir(parents=True, exist_ok=True)
+                    write_rows(generate_rows, generate.FIELDS, Path(bench.out_dir) / "generate.csv")
     info = dict(card=torch.cuda.get_device_name() if cuda else f"CPU smoke run ({platform.processor() or 'cpu'})",
                 world_size=world, torch=torch.__version__,
                 date=str(datetime.date.today()), host=platform.node())
-    return dict(rows=rows, boundaries=boundaries, info=info)
+    return dict(rows=rows, generate_rows=generate_rows, boundaries=boundaries, info=info)
+
+
+def write_rows(rows: list[dict], fields: list[str], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(cfg: DictConfig) -> None:
@@ -109,11 +131,21 @@ def main(cfg: DictConfig) -> None:
         result = spawn_ranks(run_rank, bench.world_size, cfg_yaml, backend=backend)[0]
     out = Path(bench.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({**result["info"], "boundaries": result["boundaries"]}, indent=1))
+    if result["generate_rows"]:
+        from rangedispatch.bench import generate
+
+        text = generate.table(result["generate_rows"])
+        (out / "generate.md").write_text(text)
+        why = generate.plot(result["generate_rows"], out / "generate.png")
+        print(text)
+        print(f"wrote {out}/generate.csv, generate.md" + (f"; {why}" if why else ", generate.png"))
+    if not result["rows"]:
+        return
     rows = report.annotate(result["rows"])
     report.write_csv(rows, out / "results.csv")
     text = report.table(rows)
     (out / "table.md").write_text(text)
-    (out / "run.json").write_text(json.dumps({**result["info"], "boundaries": result["boundaries"]}, indent=1))
     why = report.plot(rows, out / "results.png", result["boundaries"])
     print(text)
     print(f"wrote {out}/results.csv, table.md, run.json" + (f"; {why}" if why else ", results.png"))

@@ -17,3 +17,8 @@ def inputs(batch: int, seq: int, mask: bool, seed: int = 0) -> dict:
         m[0, : seq // 3] = 0  # left padding on the first row
         kwargs["attention_mask"] = m
     return kwargs
+
+
+def build_causal_lm(family: str, hidden: int = 32) -> torch.nn.Module:
+    """A ``<Family>ForCausalLM`` whose LM head is scaled so greedy tokens are not near ties."""
+    return _build(family, hidden, 2 * hidden, lm_head_scale=20.0)
