@@ -182,7 +182,7 @@ class CudaGraphRunner:
         self.run = run  # runs the model for a range, outside any graph
         self.captured: dict[tuple, CapturedCall] = {}  # (size, padded token-input shape) -> graph
         self.pool: Any = None
-        self.said: set[str] = set()
+        self.said = False  # a call that cannot use a graph was reported
         _RUNNERS.add(self)
 
     def size_for(self, r: Range, n: int) -> Optional[int]:
@@ -228,8 +228,8 @@ class CudaGraphRunner:
         return got
 
     def _say_mismatch(self, s: int, reason: str) -> Any:
-        if reason not in self.said:
-            self.said.add(reason)
+        if not self.said:
+            self.said = True
             log.warning("CUDA graph for %d tokens not used: %s; such calls run without a graph (said once)", s, reason)
         return self.MISMATCH
 
@@ -250,11 +250,11 @@ class CudaGraphRunner:
 
     @staticmethod
     def _sliced(output: Any, d: Optional[int], s: int, n: int) -> Any:
-        if d is None:
-            return output
+        """The captured output's tensors cut back to ``n`` rows, in new containers (a caller that
+        edits the output object it gets must not edit the captured one)."""
         return pytree.tree_map(
-            lambda t: t.narrow(d, 0, n) if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == s else t,
-            output)
+            lambda t: t.narrow(d, 0, n) if d is not None and isinstance(t, torch.Tensor) and t.dim() > d
+            and t.shape[d] == s else t, output)
 
     def capture(self, r: Range, s: int, n: int, d: Optional[int], x: torch.Tensor, args: tuple,
                 kwargs: dict) -> CapturedCall:
