@@ -21,9 +21,10 @@ graph reads and writes their tensors in place. That is only right while those te
 they were, so such an object must say so (``is_compileable = True``, as Hugging Face's static
 caches do); a call with any other such object runs without graphs (said once: a dynamic cache
 reallocates its tensors every step). A graph is captured for exactly the call's size (a cache
-has a fixed batch), by running the call itself three times (two warm-up runs, then the capture):
-it must write the same values each time, as a static cache's update of the same rows does. A new
-object in the same place (a new cache for the next ``generate``) is captured again.
+has a fixed batch). Every such call runs exactly once, as without graphs (a static cache also
+advances a position counter on the device): the first call of its kind runs without a graph, as
+the warm-up, and the next is captured and replayed. A new object in the same place (a new cache
+for the next ``generate``) is captured again the same way.
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class CudaGraphRunner:
         self.sizes = sorted(sizes)
         self.run = run  # runs the model for a range, outside any graph
         self.captured: dict[tuple, CapturedCall] = {}  # (size, padded token-input shape) -> graph
+        self.warmed: dict[tuple, tuple] = {}  # key -> ids of the stateful arguments of its warm-up call
         self.pool: Any = None
         self.said = False  # a call that cannot use a graph was reported
         _RUNNERS.add(self)
@@ -210,10 +212,15 @@ class CudaGraphRunner:
         key = (s, tuple(shape))
         call = self.captured.get(key)
         if call is not None and call.inputs.new_state(leaves):
-            log.info("captured CUDA graph for %d tokens again: a new stateful argument object", s)
+            del self.captured[key]
             call = None
         if call is None:
-            call = self.capture(r, s, n, d, x, args, kwargs)
+            if stateful:  # this call is the warm-up; the next one of its kind is captured
+                state = tuple(map(id, stateful))
+                if self.warmed.get(key) != state:
+                    self.warmed[key] = state
+                    return self.MISMATCH
+            call = self.capture(r, s, n, d, x, args, kwargs, warm_runs=0 if stateful else 2)
             self.captured[key] = call
         reason = call.inputs.mismatch(leaves, spec, n)
         if reason is not None:
@@ -257,15 +264,18 @@ class CudaGraphRunner:
             and t.shape[d] == s else t, output)
 
     def capture(self, r: Range, s: int, n: int, d: Optional[int], x: torch.Tensor, args: tuple,
-                kwargs: dict) -> CapturedCall:
+                kwargs: dict, warm_runs: int) -> CapturedCall:
+        """Capture size ``s`` after ``warm_runs`` runs of the call on its static buffers (compiles,
+        workspaces, NCCL set up outside the capture; 0 where the previous call of this kind warmed
+        up and running it again would update its state twice)."""
         if not x.is_cuda:
             raise ConfigError(f"dispatch.cudagraph_sizes={self.sizes} needs CUDA inputs; the token input is on {x.device}")
         inputs = CapturedInputs(args, kwargs, d, n, s)
         s_args, s_kwargs = inputs.call_inputs()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile, create workspaces, warm NCCL outside the capture
-            for _ in range(2):
+        with torch.cuda.stream(stream):
+            for _ in range(warm_runs):
                 self.run(r, s_args, s_kwargs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()

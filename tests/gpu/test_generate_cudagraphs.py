@@ -39,7 +39,7 @@ def test_static_cache_decode_replays_captured_graphs_with_eager_tokens(batch, ca
         for _ in range(3):  # each generate makes a new static cache: captured again
             assert torch.equal(generate(model, ids, cache_implementation="static", disable_compile=True), want)
     assert wrapper.stats()[wrapper.range_for(batch)]["cudagraphs"] == [batch]
-    assert "captured CUDA graph for %d tokens again: a new stateful argument object" % batch in caplog.text
+    assert caplog.text.count("captured CUDA graph for %d tokens" % batch) == 3  # once per generate (new cache)
     assert "not used" not in caplog.text
 
 
