@@ -212,8 +212,7 @@ class CudaGraphRunner:
         key = (s, tuple(shape))
         call = self.captured.get(key)
         if call is not None and call.inputs.new_state(leaves):
-            del self.captured[key]
-            call = None
+            call = None  # the old graph stays until its successor is captured: it keeps the memory pool alive
         if call is None:
             if stateful:  # this call is the warm-up; the next one of its kind is captured
                 state = tuple(map(id, stateful))
