@@ -162,7 +162,8 @@ class CallSignature:
             self.checks.append((where, check))
             if isinstance(value, torch.Tensor):
                 self.tensor_slots.append(where)
-        self.aliasing = self._aliasing([args[w] if type(w) is int else kwargs[w] for w in self.tensor_slots])
+        self.aliasing = self._aliasing_of([id(args[w] if type(w) is int else kwargs[w]) for w in self.tensor_slots])
+        self.distinct = len(set(self.aliasing)) == len(self.aliasing)
         self.global_state = torch_internals.global_state_guard()
         if torch_internals.transforms_active():
             self.reason = "the traced call ran under a functorch transform or a torch-function / dispatch mode"
@@ -173,10 +174,10 @@ class CallSignature:
         self.param_key = (param.dtype, param.device) if param is not None else None
 
     @staticmethod
-    def _aliasing(tensors: list) -> tuple:
-        """Per tensor argument, the index of the first argument that is the same object."""
+    def _aliasing_of(ids: list) -> tuple:
+        """Per tensor argument (by ``id``), the index of the first argument that is the same object."""
         first: dict[int, int] = {}
-        return tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors))
+        return tuple(first.setdefault(i, n) for n, i in enumerate(ids))
 
     def _check_for(self, value: Any, token_sizes: dict) -> Optional[Callable[[Any, torch.Tensor], bool]]:
         if isinstance(value, torch.Tensor):
@@ -211,17 +212,29 @@ class CallSignature:
             if not check(args[where] if type(where) is int else kwargs[where], x):
                 return False
         if len(self.aliasing) > 1:
-            tensors = [args[w] if type(w) is int else kwargs[w] for w in self.tensor_slots]
-            if self._aliasing(tensors) != self.aliasing:
-                return False
+            ids = [id(args[w] if type(w) is int else kwargs[w]) for w in self.tensor_slots]
+            if self.distinct:
+                return len(set(ids)) == len(ids)
+            return self._aliasing_of(ids) == self.aliasing
         return True
 
 
 def range_guards_hold(graph: Any, r: Any) -> bool:
     """Whether every shape guard of ``graph`` holds for every token count of range ``r``: only then
-    may calls of ``r`` skip the guards (a guard that some size breaks needs Dynamo to re-check)."""
+    may calls of ``r`` skip the guards (a guard that some size breaks needs Dynamo to re-check).
+    The signature pins every other size: a dim whose size equalled the token count is that token
+    count, any other keeps its traced size; the guards are read with those sizes put in."""
     sym = graph.token_symbol
-    if sym is None or graph.symbols != {sym}:
+    if sym is None:
         return False
-    return all(torch_internals.holds_over(g, sym, r.start, r.end) if g.free_symbols else bool(g)
-               for g in torch_internals.shape_guards(graph.shape_env))
+    hints = torch_internals.size_hints(graph.shape_env)
+    guards = torch_internals.shape_guards(graph.shape_env)
+    others = {s for g in guards for s in g.free_symbols} - {sym}
+    if any(s not in hints for s in others):
+        return False
+    pinned = {s: sym if hints[s] == hints[sym] else hints[s] for s in others}
+    for guard in guards:
+        g = guard.xreplace(pinned)
+        if not (torch_internals.holds_over(g, sym, r.start, r.end) if g.free_symbols else bool(g)):
+            return False
+    return True
