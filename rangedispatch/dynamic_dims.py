@@ -31,7 +31,6 @@ from torch.utils import _pytree as pytree
 
 from rangedispatch import torch_internals
 
-_installed = False
 _install_lock = threading.Lock()
 
 
@@ -77,9 +76,7 @@ def _on_compile_end(_: Any) -> None:
 
 
 def install() -> None:
-    """Register the callbacks once per process (they do nothing for other compiles)."""
-    global _installed
+    """Register the callbacks (once; again after ``torch._dynamo.reset()``). They do nothing for
+    compiles that no wrapper call starts."""
     with _install_lock:
-        if not _installed:
-            torch_internals.on_compile(_on_compile_start, _on_compile_end)
-            _installed = True
+        torch_internals.on_compile(_on_compile_start, _on_compile_end)

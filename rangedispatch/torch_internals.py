@@ -26,9 +26,13 @@ def compile_lock() -> Any:
 
 def on_compile(start: Callable[[Any], None], end: Callable[[Any], None]) -> None:
     """Call ``start`` / ``end`` around every Dynamo compile in the process (argument: Dynamo's
-    callback record, unused here)."""
-    torch._dynamo.callback_handler.register_start_callback(start)
-    torch._dynamo.callback_handler.register_end_callback(end)
+    callback record, unused here). Idempotent; call it again after ``torch._dynamo.reset()``,
+    which drops every callback."""
+    handler = torch._dynamo.callback_handler
+    if start not in handler.start_callbacks:
+        handler.register_start_callback(start)
+    if end not in handler.end_callbacks:
+        handler.register_end_callback(end)
 
 
 def on_bytecode(hook: Callable[[Any, Any], None]) -> None:

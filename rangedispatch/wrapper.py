@@ -137,6 +137,7 @@ class RangeCompiledModule(nn.Module):
             d = self.config.dispatch
             if n < 1 or (n > d.max_num_tokens and d.out_of_range != "compile"):
                 return self._out_of_range(n, args, kwargs)  # nothing is traced from an empty call
+            dynamic_dims.install()  # (again, if torch._dynamo.reset() dropped it since construction)
             self._run_guarded = self._guarded_runner()
             # r=None: the graphs run as traced, since ranges are not final yet
             if self._guard_free is not None and min(x.shape[i] for i in dims) >= 2:
