@@ -75,13 +75,13 @@ def test_bench_smoke_run_on_cpu(tmp_path):
 
 def test_bench_generate_level_smoke_run_on_one_cpu_rank(tmp_path):
     out = cli("bench", "bench.smoke=true", "bench.levels=[generate]", "bench.world_size=1",
-              "bench.generate_variants=[rangedispatch]", "bench.generate_new_tokens=3", f"bench.out_dir={tmp_path}")
+              "bench.generate_variants=[rangedispatch]", f"bench.out_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "### generate, hidden 256, 2 layers, batch 1, prompt 16, 3 new tokens, 1 rank(s)" in out.stdout
+    assert "### generate, hidden 256, 2 layers, batch 1, prompt 16, 6 new tokens, 1 rank(s)" in out.stdout
     rows = (tmp_path / "generate.csv").read_text().splitlines()
     assert rows[0].startswith("level,card_world,hidden") and [r.split(",")[7] for r in rows[1:]] == ["eager",
                                                                                                    "rangedispatch"]
-    assert rows[2].split(",")[14] == "3"  # every generated token equals eager's
+    assert rows[2].split(",")[14] == "6"  # every generated token equals eager's
     assert (tmp_path / "generate.png").stat().st_size > 0
     one_line_exit_2(cli("bench", "bench.levels=[op,generate]", "bench.world_size=1"),
                     "bench.world_size=1 is not allowed; expected 2 or more for the op, model and hf levels")
