@@ -93,9 +93,10 @@ def transforms_active() -> bool:
 
 
 def fx_tracing() -> bool:
-    """FX's process-wide tracing flag. While it is set (another thread traces), Dynamo refuses to
-    enter a compiled function, so such a call must wait for Dynamo's compile lock."""
-    return torch.fx._symbolic_trace._is_fx_tracing_flag
+    """FX's process-wide tracing flag (torch 2.11-2.13). While it is set (another thread traces),
+    Dynamo refuses to enter a compiled function, so such a call must wait for Dynamo's compile
+    lock. torch 2.14 keeps the flag per thread: another thread's trace never stops this one."""
+    return getattr(torch.fx._symbolic_trace, "_is_fx_tracing_flag", False)
 
 
 def global_module_hooks() -> tuple[dict, ...]:
