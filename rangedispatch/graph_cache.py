@@ -136,7 +136,7 @@ def _range_size_hint(shape_env: Any, token_symbol: Any, r: Range) -> Iterator[li
     saved = {token_symbol: hints[token_symbol]} if token_symbol in hints else {}
     if token_symbol is not None:
         hints[token_symbol] = type(hints[token_symbol])(r.end) if token_symbol in hints else r.end
-    guards_before = len(shape_env.guards)
+    guards_before = len(torch_internals.shape_guards(shape_env))
     added: list = []
     try:
         yield added

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.fx
 
+from rangedispatch import torch_internals
 from rangedispatch.fusion.async_tp_op import SP_ALL_GATHER_MATMUL, SP_MATMUL_REDUCE_SCATTER
 from rangedispatch.fusion.matcher import is_call
 from rangedispatch.fusion.replacement import call_with_value
@@ -94,7 +95,7 @@ class AsyncTensorParallel(TierPass):
             return 0
         a, w = matmul.args
         size_reads = [u for n in {source, matmul} for u in n.users if is_call(u, aten.sym_size.int)]
-        if not all(_same_size(u.meta["val"], a.meta["val"].shape[0]) for u in size_reads):
+        if not all(torch_internals.known_equal(u.meta["val"], a.meta["val"].shape[0]) for u in size_reads):
             return 0
         for read in size_reads:  # the token count, read off the product: a's rows
             read.args = (a, 0)
@@ -133,13 +134,6 @@ def _only_producer_matmul(source: torch.fx.Node) -> Optional[torch.fx.Node]:
         return None
     uses = [u for n in {source, matmul} for u in n.users if u is not source and not is_call(u, aten.sym_size.int)]
     return matmul if len(uses) == 1 else None
-
-
-def _same_size(a: object, b: object) -> bool:
-    """Whether two sizes (ints or SymInts) are the same expression."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return statically_known_true(a == b)
 
 
 def _depends_on(node: torch.fx.Node, ancestor: torch.fx.Node) -> bool:
