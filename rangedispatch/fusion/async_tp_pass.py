@@ -29,8 +29,7 @@ from rangedispatch.fusion.matcher import is_call
 from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, SP_REDUCE_SCATTER
 from rangedispatch.fusion.tier_plan import TierPass, TierPlan
-from rangedispatch.passes import RESHAPE_OPS
-from rangedispatch.ranges import Range
+from rangedispatch.passes import RESHAPE_OPS, PassContext
 
 log = logging.getLogger("rangedispatch")
 
@@ -47,7 +46,7 @@ class AsyncTensorParallel(TierPass):
         super().__init__(plan)
         self.backend = backend  # "symm_mem" or "reference" (async_tp_op.BACKENDS)
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         replaced = 0
         for node in list(graph.nodes):
             if is_call(node, SP_ALL_GATHER) and self.plan.async_tp_serves(node.args[1]):

@@ -12,6 +12,7 @@ import torch.fx
 
 from rangedispatch import torch_internals
 from rangedispatch.hosts import hosts_of_group
+from rangedispatch.passes import PassContext
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,14 @@ def gpu_row_unsupported(kernel: str, device: torch.device, dtype: torch.dtype, h
     return None
 
 
-def collective_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+def collective_graph(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph:
     """Where ``gm``'s collectives are: the graph itself, or, for DTensor graphs, its post-grad graph."""
-    from rangedispatch.graph_cache import POST_GRAD_GRAPH
-
-    return gm.meta.get(POST_GRAD_GRAPH) or gm.graph
+    return ctx.post_grad_graph or gm.graph
 
 
-def all_reduce_sites(gm: torch.fx.GraphModule) -> Iterator[AllReduceSite]:
+def all_reduce_sites(graph: torch.fx.Graph) -> Iterator[AllReduceSite]:
     """Every all-reduce of a traced graph whose input has a known fake value."""
-    for node in collective_graph(gm).nodes:
+    for node in graph.nodes:
         if node.op != "call_function" or node.target not in torch_internals.ALL_REDUCE_TARGETS:
             continue
         val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
@@ -80,10 +79,10 @@ def peer_memory_unsupported(site: AllReduceSite) -> Optional[str]:
     return None
 
 
-def collective_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+def collective_counts(graph: torch.fx.Graph) -> dict[str, int]:
     """How many of each functional collective a traced graph holds (for log lines)."""
     counts: dict[str, int] = {}
-    for node in collective_graph(gm).nodes:
+    for node in graph.nodes:
         name = torch_internals.functional_collective(node.target) if node.op == "call_function" else None
         if name is not None:
             counts[name] = counts.get(name, 0) + 1

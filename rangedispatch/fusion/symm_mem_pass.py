@@ -15,7 +15,7 @@ from rangedispatch import torch_internals
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.symm_mem_op import SYMM_MEM_OP
 from rangedispatch.fusion.tier_plan import TierPass
-from rangedispatch.ranges import Range
+from rangedispatch.passes import PassContext
 
 log = logging.getLogger("rangedispatch")
 
@@ -25,7 +25,7 @@ class SymmMemAllReduce(TierPass):
     tier = "symm_mem"
     output_ops = ("torch.ops.rangedispatch.symm_mem_all_reduce.default",)
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         _, last = self.plan.symm_span
         replaced = 0
         for node in list(graph.nodes):
