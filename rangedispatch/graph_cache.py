@@ -32,7 +32,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from rangedispatch import torch_internals
 from rangedispatch.errors import GradientsUnsupportedError
-from rangedispatch.passes import GraphPass, RangePassPipeline
+from rangedispatch.passes import GraphPass, PassContext, RangePassPipeline
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
@@ -104,9 +104,6 @@ def _concrete(v: Any, bindings: dict) -> Any:
     return v
 
 
-POST_GRAD_GRAPH = "rangedispatch_post_grad_graph"  # gm.meta key: the post-grad graph, where it differs
-
-
 def _holds_dtensors(gm: torch.fx.GraphModule) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -136,7 +133,7 @@ def _range_size_hint(shape_env: Any, token_symbol: Any, r: Range) -> Iterator[li
     saved = {token_symbol: hints[token_symbol]} if token_symbol in hints else {}
     if token_symbol is not None:
         hints[token_symbol] = type(hints[token_symbol])(r.end) if token_symbol in hints else r.end
-    guards_before = len(shape_env.guards)
+    guards_before = len(torch_internals.shape_guards(shape_env))
     added: list = []
     try:
         yield added
@@ -179,7 +176,7 @@ def _matches(pipeline: RangePassPipeline, code: list[str]) -> dict[str, int]:
             out[p.name] = returned.get(p.name, -1)
     if -1 in out.values():
         log.info("Inductor cache hit for %s: matches of %s unknown (-1); a pass that sets output_ops is counted in "
-                 "the generated code", pipeline.range, ", ".join(k for k, v in out.items() if v == -1))
+                 "the generated code", pipeline.ctx.range, ", ".join(k for k, v in out.items() if v == -1))
     return out
 
 
@@ -223,6 +220,8 @@ class RangeGraph:
         # traced with grad mode on and inputs (parameters) that require grad: AOT compiles a backward
         self.records_grad = self.grad_enabled and any(
             isinstance(f, torch.Tensor) and f.requires_grad for f in self.fakes)
+        # the graph after Inductor's post-grad passes, captured for graphs of DTensor ops
+        self.post_grad_graph: Optional[torch.fx.Graph] = None
         self.artifacts: dict[Range, Callable] = {}
         self.records: dict[Range, CompileRecord] = {}
 
@@ -316,10 +315,10 @@ class RangeCompiler:
         graph = RangeGraph(self, len(self.graphs), gm, tokens, token_sources, reason)
         if _holds_dtensors(gm):
             start = time.perf_counter()
-            gm.meta[POST_GRAD_GRAPH] = self.post_grad_graph(graph)
+            graph.post_grad_graph = self.capture_post_grad_graph(graph)
             log.info("graph %d holds DTensors: collectives read off its post-grad graph (%.1f s)", graph.index,
                      time.perf_counter() - start)
-        self._add_split_points(gm)
+        self._add_split_points(graph)
         self.graphs.append(graph)
         others = sorted(map(str, graph.symbols - graph.token_symbols))
         log.info("traced graph %d at %s tokens (%s): token count %s%s; %d graph(s) in all", graph.index, tokens,
@@ -328,8 +327,9 @@ class RangeCompiler:
         log.debug("graph %d: %d nodes", graph.index, len(gm.graph.nodes))
         return graph
 
-    def _add_split_points(self, gm: torch.fx.GraphModule) -> None:
-        wanted = {p for ps in (pass_.split_points(gm) for pass_ in self.policy.passes) for p in ps}
+    def _add_split_points(self, graph: RangeGraph) -> None:
+        ctx = PassContext(post_grad_graph=graph.post_grad_graph)
+        wanted = {p for pass_ in self.policy.passes for p in pass_.split_points(graph.gm, ctx)}
         usable = {p for p in wanted if 1 <= p < self.max_num_tokens}
         late = usable - self.final_split_points if self.final_split_points is not None else set()
         if late:
@@ -342,7 +342,9 @@ class RangeCompiler:
         if graph.records_grad:
             passes = self._passes_recording_gradients(graph, passes, r)
         shape_env, token_symbol = (graph.shape_env, graph.token_symbol) if symbolic else (None, None)
-        pipeline = RangePassPipeline(passes, r, previous=torch_internals.post_grad_custom_post_pass(),
+        ctx = PassContext(range=r, post_grad_graph=graph.post_grad_graph,
+                          size_hints=torch_internals.size_hints(shape_env) if shape_env is not None else {})
+        pipeline = RangePassPipeline(passes, ctx, previous=torch_internals.post_grad_custom_post_pass(),
                                      bounds=lambda: _range_bounds(shape_env, token_symbol, r))
         hits_before = torch_internals.fx_graph_cache_hits()
         start = time.perf_counter()
@@ -373,7 +375,7 @@ class RangeCompiler:
         return [p for p in passes if not p.inference_only]
 
     @staticmethod
-    def post_grad_graph(graph: RangeGraph) -> Optional[torch.fx.Graph]:
+    def capture_post_grad_graph(graph: RangeGraph) -> Optional[torch.fx.Graph]:
         """The graph Inductor's post-grad passes leave for ``graph`` (caches off, compile stopped
         there): what every range's passes will see, before any range is compiled."""
         capture = _CapturePostGrad()

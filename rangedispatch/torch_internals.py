@@ -4,7 +4,9 @@ Everything here reaches below torch's public API (``torch._dynamo``, ``torch._in
 environment, c10d internals). Each entry says what it stands for and the torch versions it was
 checked on; ``tests/test_torch_internals.py`` exercises every entry on the installed torch. When a
 torch release moves one of them, this is the one file to change. Library modules outside it name
-only Inductor's documented extension points (its pattern matcher and ``CustomGraphPass``).
+only Inductor's pass extension points (its pattern matcher and ``CustomGraphPass``) and torch's
+pytree utilities, which ``torch.export`` documents for users' own containers; the test also
+enforces that.
 
 Checked on torch 2.11 (GPU machines), 2.13 and 2.14 (CPU) unless an entry says otherwise.
 """
@@ -121,7 +123,32 @@ def dynamo_utils_module() -> Any:
 
 
 def detect_fake_mode(values: Sequence[Any]) -> Any:
+    """The fake mode of the fake tensors in ``values`` (nested containers too); None for real ones."""
     return torch._guards.detect_fake_mode(list(values))
+
+
+def call_on_fakes(fn: Callable, args: Sequence[Any]) -> Any:
+    """``fn(*args)`` under the fake mode of the fake values in ``args``: a new graph node's value."""
+    with detect_fake_mode(args):
+        return fn(*args)
+
+
+def trace_with_inductor_decompositions(fn: Callable, values: Sequence[Any]) -> torch.fx.GraphModule:
+    """``fn`` traced into an FX graph on the fake ``values`` (under their fake mode, without grad),
+    decomposed as Inductor's lowerings expect (``convert_element_type``, not ``_to_copy``)."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with detect_fake_mode(values), torch.no_grad():
+        return make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="real")(*values)
+
+
+def real_tensors() -> Any:
+    """Inside the block, new tensors are real even under a fake mode (a pass that times kernels
+    while Inductor compiles on fake values)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 def shape_env_of(values: Sequence[Any]) -> Any:
@@ -185,6 +212,14 @@ def symint_expr(s: Any) -> Any:
     return s.node.expr
 
 
+def known_equal(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints or SymInts) are equal for every value of their symbols, decided
+    without adding a guard ("unknown" is False)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(a == b)
+
+
 # ---------------------------------------------------------------------------------------- Inductor
 
 
@@ -218,6 +253,13 @@ def mode_options(mode: str) -> dict:
     from torch._inductor import list_mode_options
 
     return list_mode_options(mode)
+
+
+def compile_threads() -> int:
+    """How many threads Inductor compiles kernels on."""
+    from torch._inductor import config
+
+    return config.compile_threads
 
 
 def fx_graph_cache_hits() -> int:
@@ -259,12 +301,66 @@ def caches_off() -> Any:
 
 # ---------------------------------------------------------------------------------------- distributed
 
+# The functional collectives that Dynamo (traced ``dist.all_reduce``...) and DTensor put in graphs,
+# naming their process group by a string: passes find all-reduces by these targets (pre-grad graphs
+# may call the overload packet, post-grad graphs the overload).
+FUNCTIONAL_ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+FUNCTIONAL_WAIT = torch.ops._c10d_functional.wait_tensor.default
+ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, FUNCTIONAL_ALL_REDUCE)
+
+
+def functional_collective(target: Any) -> Optional[str]:
+    """The collective a graph node's target is (``"all_reduce"``, ``"all_gather_into_tensor"``...);
+    None for other targets and for the waits that follow collectives."""
+    name = str(target)
+    if not name.startswith("_c10d_functional.") or name.startswith("_c10d_functional.wait_tensor"):
+        return None
+    return name.split(".")[1]
+
+
+# The same collectives called by our ops: they take the group name a traced collective carries
+# (torch's public collectives take a ProcessGroup, which only a private resolver gives from a name).
+def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The sum of ``x`` over the group, as a new tensor."""
+    funcol = torch.ops._c10d_functional
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", group_name))
+
+
+def reduce_scatter_sum(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
+    """This rank's block of rows (dim 0 split in ``world``) of the sum of ``x`` over the group."""
+    funcol = torch.ops._c10d_functional
+    return funcol.wait_tensor(funcol.reduce_scatter_tensor(x, "sum", world, group_name))
+
+
+def all_gather(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
+    """The ranks' ``x`` concatenated along dim 0, in rank order."""
+    funcol = torch.ops._c10d_functional
+    return funcol.wait_tensor(funcol.all_gather_into_tensor(x, world, group_name))
+
 
 def resolve_process_group(group_name: str) -> Any:
     """The process group a traced collective names."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name)
+
+
+def symmetric_buffer(numel: int, dtype: torch.dtype, device: torch.device, group_name: str) -> torch.Tensor:
+    """A buffer of ``numel`` elements that every rank of the group has mapped (symmetric memory),
+    for the ``torch.ops.symm_mem`` kernels. Collective: every rank of the group calls it."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    buf = symm_mem.empty(numel, dtype=dtype, device=device)
+    symm_mem.rendezvous(buf, group_name)
+    return buf
+
+
+def reserve_symm_mem_workspace(group_name: str, min_bytes: int) -> None:
+    """Grow the group's shared symmetric workspace (what ``torch.ops.symm_mem``'s fused matmul
+    collectives use) to at least ``min_bytes``; a no-op once it is that large."""
+    from torch.distributed._symmetric_memory import get_symm_mem_workspace
+
+    get_symm_mem_workspace(group_name, min_size=min_bytes)
 
 
 def is_nested_fx_trace_error(e: BaseException) -> bool:

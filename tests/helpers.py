@@ -4,7 +4,7 @@ import torch
 import torch.fx
 
 from rangedispatch import Range
-from rangedispatch.passes import GraphPass
+from rangedispatch.passes import GraphPass, PassContext
 
 
 class CensusPass(GraphPass):
@@ -20,13 +20,13 @@ class CensusPass(GraphPass):
     def applies(self, r: Range) -> bool:
         return r.start >= self.min_start
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         counts: dict[str, int] = {}
         for n in graph.nodes:
             if n.op == "call_function":
                 name = str(getattr(n.target, "__name__", n.target))
                 counts[name] = counts.get(name, 0) + 1
-        self.seen[r] = counts
+        self.seen[ctx.range] = counts
         return 1
 
     def config_key(self) -> str:
@@ -40,7 +40,7 @@ class AddmmCount(GraphPass):
     name = "addmm_count"
     output_ops = ("extern_kernels.addmm",)
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         return 0
 
 

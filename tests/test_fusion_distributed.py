@@ -1,7 +1,11 @@
 """Fusion on 2 real gloo ranks: every RMSNorm form, with and without residual and FP8, bf16 and fp32.
 
 One spawn runs the whole matrix (process start and compile dominate); the tests assert on its results.
+The ranks return named records (below), so that each expectation reads in its test.
 """
+
+from dataclasses import dataclass, field
+from typing import Optional
 
 import pytest
 import torch
@@ -14,6 +18,51 @@ CASES = [(form, residual, fp8, "bfloat16") for form in ("llama", "functional", "
          for residual in (True, False) for fp8 in (False, True)]
 CASES += [(form, True, False, "float32") for form in ("llama", "functional", "module", "gemma")]
 CASES += [("llama", True, True, "float32")]
+
+
+@dataclass
+class Check:
+    """One call of ``tokens`` tokens: its range, and whether each output equals eager's."""
+
+    tokens: int
+    range: str
+    out_matches_eager: bool
+    residual_matches_eager: bool
+
+
+@dataclass
+class Ops:
+    """Ops in one range's compiled post-grad graph (after the fusion pass)."""
+
+    fused: int
+    all_reduce: int
+
+
+@dataclass
+class FusionCase:
+    """A TP block wrapped on one rank, called below and above its fusion threshold."""
+
+    threshold: int  # the token count where fusion stops paying
+    ranges: list[str]
+    checks: list[Check]
+    matches: dict[str, int]  # fusion matches per compiled range
+    census: dict[str, Ops] = field(default_factory=dict)  # per compiled range, where a census pass ran
+
+
+@dataclass
+class Outcome:
+    """A wrapped model after its calls: its ranges, and in the range of the calls, the passes
+    applied, their matches, and whether the outputs equal eager's."""
+
+    ranges: list[str]
+    passes: list[str]
+    matches: dict[str, int]
+    matches_eager: bool
+
+
+def _outcome(m, tokens: int, matches_eager: bool) -> Outcome:
+    stats = m.stats()[m.range_for(tokens)]
+    return Outcome([str(r) for r in m.ranges], stats["passes"], stats["matches"], matches_eager)
 
 
 def _close(a, b, fp8, dtype):
@@ -52,12 +101,12 @@ def _matrix(rank, world, cases):
             with torch.no_grad():
                 y, r = m(x.clone())
                 ye, re = model(x.clone())
-            checks.append((n, str(m.range_for(n)), _close(y, ye, fp8, dtype), _close(r, re, fp8, dtype)))
+            checks.append(Check(n, str(m.range_for(n)), _close(y, ye, fp8, dtype), _close(r, re, fp8, dtype)))
         stats = {str(k): v["matches"].get("allreduce_rmsnorm", 0) for k, v in m.stats().items() if v["compiled"]}
-        census_counts = {str(k): (v.get("fused_allreduce_rmsnorm.default", 0), v.get("all_reduce.default", 0))
-                         for k, v in census.seen.items()}
-        results[(form, residual, fp8, dtype_name)] = dict(
-            threshold=threshold, ranges=[str(r) for r in m.ranges], checks=checks, matches=stats, census=census_counts)
+        census_counts = {str(k): Ops(fused=v.get("fused_allreduce_rmsnorm.default", 0),
+                                     all_reduce=v.get("all_reduce.default", 0)) for k, v in census.seen.items()}
+        results[(form, residual, fp8, dtype_name)] = FusionCase(threshold, [str(r) for r in m.ranges], checks, stats,
+                                                                census_counts)
     return results
 
 
@@ -70,14 +119,18 @@ def matrix():
 def test_fused_below_threshold_unfused_above_and_equal_to_eager(matrix, case):
     for rank_results in matrix:
         res = rank_results[case]
-        t = res["threshold"]
-        assert f"[9,{t}]" in res["ranges"] and f"[{t + 1},2048]" in res["ranges"]  # split point added by fusion
-        for n, r, out_ok, residual_ok in res["checks"]:
-            assert out_ok and residual_ok, (n, r)
-        assert res["matches"][f"[9,{t}]"] == 2 and res["matches"][f"[{t + 1},2048]"] == 0
+        t = res.threshold
+        # split point added by fusion
+        assert f"[9,{t}]" in res.ranges
+        assert f"[{t + 1},2048]" in res.ranges
+        for check in res.checks:
+            assert check.out_matches_eager, check
+            assert check.residual_matches_eager, check
+        assert res.matches[f"[9,{t}]"] == 2
+        assert res.matches[f"[{t + 1},2048]"] == 0
         # the compiled graphs: one fused op per site and no all_reduce left where fused; none above
-        assert res["census"][f"[9,{t}]"] == (2, 0)
-        assert res["census"][f"[{t + 1},2048]"] == (0, 2)
+        assert res.census[f"[9,{t}]"] == Ops(fused=2, all_reduce=0)
+        assert res.census[f"[{t + 1},2048]"] == Ops(fused=0, all_reduce=2)
 
 
 def _refusals(rank, world):
@@ -95,7 +148,7 @@ def _refusals(rank, world):
         m(x.clone())
         y, _ = m(x.clone())
         ye, _ = model(x.clone())
-    out["fp32_weight"] = (m.stats()[m.range_for(16)]["matches"], torch.equal(y, ye) or _close(y, ye, False, torch.bfloat16))
+    out["fp32_weight"] = _outcome(m, 16, torch.equal(y, ye) or _close(y, ye, False, torch.bfloat16))
 
     class AllReduceNorm(torch.nn.Module):
         """all_reduce(2x) -> combine(y, residual) -> RMSNorm; returns the norm and combine's other output."""
@@ -112,19 +165,19 @@ def _refusals(rank, world):
             hf = h.float()
             return self.w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype), other
 
-    def matches_and_numerics(model):
+    def outcome(model):
         m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
         x, r = torch.randn(16, HIDDEN), torch.randn(16, HIDDEN)
         with torch.no_grad():
             m(x, r)
             a, b = m(x, r)
             ae, be = model(x, r)
-        return m.stats()[m.range_for(16)]["matches"], _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32)
+        return _outcome(m, 16, _close(a, ae, False, torch.float32) and _close(b, be, False, torch.float32))
 
     # the all-reduced value is also used un-normed (before the residual add): must stay correct
-    out["side_use"] = matches_and_numerics(AllReduceNorm(lambda y, r: (y + r, y * 3)))
+    out["side_use"] = outcome(AllReduceNorm(lambda y, r: (y + r, y * 3)))
     # all_reduce(y) + 3 * residual looks like the residual form
-    out["alpha"] = matches_and_numerics(AllReduceNorm(lambda y, r: (torch.add(y, r, alpha=3),) * 2))
+    out["alpha"] = outcome(AllReduceNorm(lambda y, r: (torch.add(y, r, alpha=3),) * 2))
 
     # a backend that cannot take the site (flashinfer on CPU tensors): not fused, no split point
     model = TPMLPBlock(hidden=HIDDEN, intermediate=128, norm="llama", dtype=torch.bfloat16)
@@ -135,17 +188,19 @@ def _refusals(rank, world):
         m(x.clone())
         y, _ = m(x.clone())
         ye, _ = model(x.clone())
-    out["backend_unsupported"] = ([str(r) for r in m.ranges], m.stats()[m.range_for(16)]["passes"],
-                                  _close(y, ye, False, torch.bfloat16))
+    out["backend_unsupported"] = _outcome(m, 16, _close(y, ye, False, torch.bfloat16))
     return out
 
 
 def test_patterns_that_must_not_match_keep_eager_numerics():
     res = spawn_ranks(_refusals, 2, backend="gloo")[0]
-    assert res["backend_unsupported"] == (["[1,8]", "[9,32]", "[33,1024]"], [], True)
-    assert res["fp32_weight"] == ({"allreduce_rmsnorm": 0}, True)
-    assert res["side_use"] == ({"allreduce_rmsnorm": 0}, True)
-    assert res["alpha"] == ({"allreduce_rmsnorm": 0}, True)
+    unsupported = res["backend_unsupported"]
+    assert unsupported.ranges == ["[1,8]", "[9,32]", "[33,1024]"]  # no fusion split point
+    assert unsupported.passes == []
+    assert unsupported.matches_eager
+    for name in ("fp32_weight", "side_use", "alpha"):
+        assert res[name].matches == {"allreduce_rmsnorm": 0}, name
+        assert res[name].matches_eager, name
 
 
 def _first_call_one_token(rank, world):
@@ -157,24 +212,37 @@ def _first_call_one_token(rank, world):
     model = TPMLPBlock(hidden=HIDDEN, intermediate=128, layers=2, norm="llama", dtype=torch.bfloat16)
     m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=2048"]))
     threshold = 65536 // (HIDDEN * 2)
-    rows = []
+    checks = []
     for seq in (1, 5, threshold, threshold + 1, 1):
         x = torch.randn(1, seq, HIDDEN, dtype=torch.bfloat16)  # [batch, seq, hidden], decode first
         with torch.no_grad():
             y, r = m(x.clone())
             ye, re = model(x.clone())
-        rows.append((seq, str(m.range_for(seq)), _close(y, ye, False, torch.bfloat16) and _close(r, re, False, torch.bfloat16)))
+        checks.append(Check(seq, str(m.range_for(seq)), _close(y, ye, False, torch.bfloat16),
+                            _close(r, re, False, torch.bfloat16)))
     matches = {str(k): v["matches"].get("allreduce_rmsnorm", 0) for k, v in m.stats().items() if v["compiled"]}
-    return threshold, [str(r) for r in m.ranges], rows, matches
+    return FusionCase(threshold, [str(r) for r in m.ranges], checks, matches)
 
 
 def test_first_call_of_one_token_keeps_the_fusion_threshold():
-    for threshold, ranges, rows, matches in spawn_ranks(_first_call_one_token, 2, backend="gloo"):
-        assert ranges[-2:] == [f"[33,{threshold}]", f"[{threshold + 1},2048]"]  # bytes per token = hidden x 2
-        assert all(ok for _, _, ok in rows), rows
+    for res in spawn_ranks(_first_call_one_token, 2, backend="gloo"):
+        t = res.threshold
+        assert res.ranges[-2:] == [f"[33,{t}]", f"[{t + 1},2048]"]  # bytes per token = hidden x 2
+        for check in res.checks:
+            assert check.out_matches_eager, check
+            assert check.residual_matches_eager, check
         # 2 sites in each fused graph that ran (the 1-token graph and the general one), none above
-        assert matches[f"[33,{threshold}]"] == 2 and matches[f"[{threshold + 1},2048]"] == 0
-        assert matches["[1,8]"] == 4
+        assert res.matches[f"[33,{t}]"] == 2
+        assert res.matches[f"[{t + 1},2048]"] == 0
+        assert res.matches["[1,8]"] == 4
+
+
+@dataclass
+class GradModeCall:
+    """A call under one grad mode: refused (``error``) or run (the outcome in its range)."""
+
+    error: Optional[str] = None
+    outcome: Optional[Outcome] = None
 
 
 def _grad_modes(rank, world):
@@ -194,13 +262,12 @@ def _grad_modes(rank, world):
             try:
                 y, r = m(x.clone())
             except GradientsUnsupportedError as e:
-                out[mode] = str(e)
+                out[mode] = GradModeCall(error=str(e))
                 continue
         with torch.no_grad():
             ye, re = model(x.clone())
-        st = m.stats()[m.range_for(16)]
-        out[mode] = (st["matches"], st["passes"], _close(y.detach(), ye, False, torch.float32)
-                     and _close(r.detach(), re, False, torch.float32))
+        out[mode] = GradModeCall(outcome=_outcome(m, 16, _close(y.detach(), ye, False, torch.float32)
+                                                  and _close(r.detach(), re, False, torch.float32)))
     return out
 
 
@@ -208,10 +275,15 @@ def test_calls_that_record_gradients_are_refused_where_fusion_replaces_collectiv
     res = spawn_ranks(_grad_modes, 2, backend="gloo")[0]
     # the fused op has no backward, and falling back to the model's all-reduce on this rank alone
     # would leave ranks running different collectives: refused, saying what to do
-    assert res["grad"].startswith("range [9,32] runs allreduce_rmsnorm, which replaces the model's collectives")
-    assert "torch.no_grad()" in res["grad"] and "fusion.enabled=false" in res["grad"]
-    assert res["no_grad"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)
-    assert res["inference_mode"] == ({"allreduce_rmsnorm": 2}, ["allreduce_rmsnorm"], True)
+    refused = res["grad"].error
+    assert refused.startswith("range [9,32] runs allreduce_rmsnorm, which replaces the model's collectives")
+    assert "torch.no_grad()" in refused
+    assert "fusion.enabled=false" in refused
+    for mode in ("no_grad", "inference_mode"):
+        outcome = res[mode].outcome
+        assert outcome.matches == {"allreduce_rmsnorm": 2}, mode
+        assert outcome.passes == ["allreduce_rmsnorm"], mode
+        assert outcome.matches_eager, mode
 
 
 def _mixed_grad_modes(rank, world):
@@ -231,6 +303,16 @@ def _mixed_grad_modes(rank, world):
 def test_ranks_that_call_with_different_grad_modes_fail_with_a_clear_error_instead_of_hanging():
     with pytest.raises(RuntimeError, match="(?s)rank 1 failed first.*GradientsUnsupportedError: range \\[9,32\\]"):
         spawn_ranks(_mixed_grad_modes, 2, backend="gloo")
+
+
+@dataclass
+class Logged:
+    """A wrapped model's ranges, compiled matches and numerics, with the log lines of interest."""
+
+    ranges: list[str]
+    matches: dict[str, dict[str, int]]  # per compiled range, per pass
+    matches_eager: list[bool]  # per call
+    said: list[str]
 
 
 def _two_hosts(rank, world):
@@ -258,14 +340,16 @@ def _two_hosts(rank, world):
             ye, _ = model(x.clone())
         ok.append(_close(y, ye, False, torch.float32))
     matches = {str(k): v["matches"] for k, v in m.stats().items() if v["compiled"]}
-    return [str(r) for r in m.ranges], matches, ok, [r for r in records if "spans 2 hosts" in r]
+    return Logged([str(r) for r in m.ranges], matches, ok, [r for r in records if "spans 2 hosts" in r])
 
 
 def test_a_group_spanning_hosts_keeps_nccl_at_every_size():
-    ranges, matches, ok, said = spawn_ranks(_two_hosts, 2, backend="gloo")[0]
-    assert ranges == ["[1,8]", "[9,32]", "[33,1024]"] and all(ok)  # no fusion split point
-    assert all(not v.get("allreduce_rmsnorm") for v in matches.values())
-    assert len(said) == 1 and "NCCL at every size" in said[0]
+    res = spawn_ranks(_two_hosts, 2, backend="gloo")[0]
+    assert res.ranges == ["[1,8]", "[9,32]", "[33,1024]"]  # no fusion split point
+    assert all(res.matches_eager)
+    assert all(not v.get("allreduce_rmsnorm") for v in res.matches.values())
+    assert len(res.said) == 1
+    assert "NCCL at every size" in res.said[0]
 
 
 def _no_all_reduce(rank, world):
@@ -289,10 +373,13 @@ def _no_all_reduce(rank, world):
     m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=1024"]))
     x = torch.randn(12, HIDDEN)
     ok = [_close(m(x), model(x), False, torch.float32) for _ in range(2)]
-    return ok, [r for r in records if "no all-reduce" in r]
+    matches = {str(k): v["matches"] for k, v in m.stats().items() if v["compiled"]}
+    return Logged([str(r) for r in m.ranges], matches, ok, [r for r in records if "no all-reduce" in r])
 
 
 def test_a_multi_rank_model_without_all_reduce_says_so_once():
-    ok, said = spawn_ranks(_no_all_reduce, 2, backend="gloo")[0]
-    assert all(ok) and len(said) == 1
-    assert "running on 2 ranks" in said[0] and "all_gather_into_tensor x1" in said[0]
+    res = spawn_ranks(_no_all_reduce, 2, backend="gloo")[0]
+    assert all(res.matches_eager)
+    assert len(res.said) == 1
+    assert "running on 2 ranks" in res.said[0]
+    assert "all_gather_into_tensor x1" in res.said[0]

@@ -113,6 +113,7 @@ def test_matmuls_that_read_one_input_form_one_group():
 
     from rangedispatch.gemm.skinny_gemm_op import SKINNY_MM_OP, TileConfig
     from rangedispatch.gemm.skinny_gemm_pass import SkinnyGemm, _replace
+    from rangedispatch.passes import PassContext
     from rangedispatch.ranges import Range
 
     def qkv_and_out(x, wq, wk, wv, wo):
@@ -124,7 +125,7 @@ def test_matmuls_that_read_one_input_form_one_group():
         args = [torch.empty(1, 5, 64, **bf16), *(torch.empty(32, 64, **bf16) for _ in range(3)),
                 torch.empty(64, 32, **bf16)]
         gm = make_fx(qkv_and_out)(*args)
-    groups = SkinnyGemm(16)._groups(gm.graph, Range(1, 16))
+    groups = SkinnyGemm(16)._groups(gm.graph, PassContext(range=Range(1, 16)))
     views = [{m.a.name for m in group} for group in groups]
     assert [len(group) for group in groups] == [3, 1] and len(views[0]) == 3, views
     assert [m.b.args[0].name for m in groups[0]] == ["wq_1", "wk_1", "wv_1"]
@@ -138,6 +139,7 @@ def test_matmuls_that_read_one_input_form_one_group():
 
 def test_a_matmul_whose_weight_the_graph_computes_stays_alone():
     from rangedispatch.gemm.skinny_gemm_pass import SkinnyGemm
+    from rangedispatch.passes import PassContext
     from rangedispatch.ranges import Range
 
     def scores(x, w):
@@ -147,7 +149,7 @@ def test_a_matmul_whose_weight_the_graph_computes_stays_alone():
     with FakeTensorMode():
         bf16 = dict(dtype=torch.bfloat16, device="cuda")
         gm = make_fx(scores)(torch.empty(5, 64, **bf16), torch.empty(64, 64, **bf16))
-    groups = SkinnyGemm(16)._groups(gm.graph, Range(1, 16))
+    groups = SkinnyGemm(16)._groups(gm.graph, PassContext(range=Range(1, 16)))
     assert [len(group) for group in groups] == [1, 1]
 
 

@@ -110,13 +110,13 @@ def test_conv_net_with_the_batch_as_token_dim():
 class FailingPass(GraphPass):
     name = "fails"
 
-    def split_points(self, gm):
+    def split_points(self, gm, ctx):
         return ()
 
     def applies(self, r):
         return r.start == 9
 
-    def __call__(self, graph, r):
+    def __call__(self, graph, ctx):
         raise RuntimeError("pass exploded")
 
     def config_key(self):

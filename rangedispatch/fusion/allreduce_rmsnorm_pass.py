@@ -18,7 +18,7 @@ from rangedispatch.fusion.matcher import FusionMatch, replace_each_site, retire_
 from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.tier_plan import TierPass
-from rangedispatch.ranges import Range
+from rangedispatch.passes import PassContext
 
 
 class AllReduceRMSNormFusion(TierPass):
@@ -26,7 +26,7 @@ class AllReduceRMSNormFusion(TierPass):
     tier = "fused"
     output_ops = ("torch.ops.rangedispatch.fused_allreduce_rmsnorm.default",)
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         return replace_each_site(graph, lambda m, anchor: self._replace(graph, m, anchor), "fusion")
 
     def _replace(self, graph: torch.fx.Graph, m: FusionMatch, anchor: torch.fx.Node) -> bool:

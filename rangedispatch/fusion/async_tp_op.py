@@ -23,18 +23,12 @@ import math
 
 import torch
 
+from rangedispatch import torch_internals
 from rangedispatch.fusion.sequence_parallel_op import token_rows, sp_all_gather, sp_reduce_scatter
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.logs import warn_once
 
 BACKENDS = ("symm_mem", "reference")
-
-
-def _reserve_workspace(group_name: str, max_block_bytes: int) -> None:
-    """Size the shared symmetric workspace for the largest call of the range (a no-op once it is)."""
-    from torch.distributed._symmetric_memory import get_symm_mem_workspace
-
-    get_symm_mem_workspace(group_name, min_size=max_block_bytes)
 
 
 def _block_bytes(max_tokens: int, world: int, row: int, dtype: torch.dtype) -> int:
@@ -63,7 +57,8 @@ def sp_all_gather_matmul(shard: torch.Tensor, weights: list[torch.Tensor], group
     if _fast_path(backend, shard.device, "all-gather + matmul"):
         world = group_size(group_name)
         try:
-            _reserve_workspace(group_name, _block_bytes(max_tokens, world, shard.shape[-1], shard.dtype))
+            block = _block_bytes(max_tokens, world, shard.shape[-1], shard.dtype)
+            torch_internals.reserve_symm_mem_workspace(group_name, block)
             full, products = torch.ops.symm_mem.fused_all_gather_matmul(
                 shard.contiguous(), weights, 0, group_name, return_A=True)
             return [full[:tokens].view(shape), *(p[:tokens] for p in products)]
@@ -88,7 +83,8 @@ def sp_matmul_reduce_scatter(input: torch.Tensor, weight: torch.Tensor, group_na
     if _fast_path(backend, input.device, "matmul + reduce-scatter"):
         world = group_size(group_name)
         try:
-            _reserve_workspace(group_name, 2 * _block_bytes(max_tokens, world, weight.shape[1], input.dtype))
+            block = _block_bytes(max_tokens, world, weight.shape[1], input.dtype)
+            torch_internals.reserve_symm_mem_workspace(group_name, 2 * block)
             return torch.ops.symm_mem.fused_matmul_reduce_scatter(token_rows(input, world), weight, "sum", 0, group_name)
         except (RuntimeError, AttributeError, ImportError) as e:
             _fall_back("matmul + reduce-scatter", e)

@@ -23,13 +23,13 @@ from typing import Optional
 import torch
 import torch.fx
 
+from rangedispatch import torch_internals
 from rangedispatch.fusion.async_tp_op import SP_ALL_GATHER_MATMUL, SP_MATMUL_REDUCE_SCATTER
 from rangedispatch.fusion.matcher import is_call
 from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, SP_REDUCE_SCATTER
 from rangedispatch.fusion.tier_plan import TierPass, TierPlan
-from rangedispatch.passes import RESHAPE_OPS
-from rangedispatch.ranges import Range
+from rangedispatch.passes import RESHAPE_OPS, PassContext
 
 log = logging.getLogger("rangedispatch")
 
@@ -46,7 +46,7 @@ class AsyncTensorParallel(TierPass):
         super().__init__(plan)
         self.backend = backend  # "symm_mem" or "reference" (async_tp_op.BACKENDS)
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         replaced = 0
         for node in list(graph.nodes):
             if is_call(node, SP_ALL_GATHER) and self.plan.async_tp_serves(node.args[1]):
@@ -94,7 +94,7 @@ class AsyncTensorParallel(TierPass):
             return 0
         a, w = matmul.args
         size_reads = [u for n in {source, matmul} for u in n.users if is_call(u, aten.sym_size.int)]
-        if not all(_same_size(u.meta["val"], a.meta["val"].shape[0]) for u in size_reads):
+        if not all(torch_internals.known_equal(u.meta["val"], a.meta["val"].shape[0]) for u in size_reads):
             return 0
         for read in size_reads:  # the token count, read off the product: a's rows
             read.args = (a, 0)
@@ -133,13 +133,6 @@ def _only_producer_matmul(source: torch.fx.Node) -> Optional[torch.fx.Node]:
         return None
     uses = [u for n in {source, matmul} for u in n.users if u is not source and not is_call(u, aten.sym_size.int)]
     return matmul if len(uses) == 1 else None
-
-
-def _same_size(a: object, b: object) -> bool:
-    """Whether two sizes (ints or SymInts) are the same expression."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return statically_known_true(a == b)
 
 
 def _depends_on(node: torch.fx.Node, ancestor: torch.fx.Node) -> bool:

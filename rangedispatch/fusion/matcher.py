@@ -27,13 +27,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx
 
+from rangedispatch import torch_internals
 from rangedispatch.fusion.numerics import FP8_DTYPE
 
 log = logging.getLogger("rangedispatch")
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-funcol = torch.ops._c10d_functional
 
 
 @dataclass
@@ -83,7 +83,8 @@ def find_matches(graph: torch.fx.Graph) -> tuple[list[FusionMatch], list[str]]:
     """All fusable sites and, for the all-reduces that were not fused, why not."""
     matches, skipped = [], []
     for node in graph.nodes:
-        if not is_call(node, funcol.wait_tensor.default) or not is_call(node.args[0], funcol.all_reduce.default):
+        if not (is_call(node, torch_internals.FUNCTIONAL_WAIT)
+                and is_call(node.args[0], torch_internals.FUNCTIONAL_ALL_REDUCE)):
             continue
         result = _match_site(node)
         if isinstance(result, FusionMatch):

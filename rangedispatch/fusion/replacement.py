@@ -10,30 +10,22 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 import torch.fx
-from torch.fx.experimental.proxy_tensor import make_fx
+
+from rangedispatch import torch_internals
 
 
 def call_with_value(graph: torch.fx.Graph, target: Callable, args: tuple) -> torch.fx.Node:
     """``graph.call_function(target, args)`` at the current insertion point, with its fake value."""
     node = graph.call_function(target, args)
-    vals = torch.fx.node.map_arg(args, lambda n: n.meta["val"])
-    fake_mode = torch._guards.detect_fake_mode(vals)
-    with fake_mode:
-        node.meta["val"] = target(*vals)
+    node.meta["val"] = torch_internals.call_on_fakes(target, torch.fx.node.map_arg(args, lambda n: n.meta["val"]))
     return node
 
 
 def insert_replacement(graph: torch.fx.Graph, fn: Callable, operands: list[torch.fx.Node],
                        after: torch.fx.Node) -> tuple[torch.fx.Node, ...]:
     """``fn(*operands)`` traced and copied into ``graph`` right after ``after``; its output nodes."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    vals = [n.meta["val"] for n in operands]
-    fake_mode = torch._guards.detect_fake_mode(vals)
-    with fake_mode, torch.no_grad():
-        traced = make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="real")(*vals)
+    traced = torch_internals.trace_with_inductor_decompositions(fn, [n.meta["val"] for n in operands])
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(after.next):  # (inserting_after would put each new node first)
         out = graph.graph_copy(traced.graph, dict(zip(placeholders, operands)))

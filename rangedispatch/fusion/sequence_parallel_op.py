@@ -16,9 +16,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from rangedispatch.fusion.sites import process_group
-
-_funcol = torch.ops._c10d_functional
+from rangedispatch import torch_internals
+from rangedispatch.fusion.sites import group_size
 
 
 def token_rows(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -36,14 +35,14 @@ def _block_rows(tokens, world):
 @torch.library.custom_op("rangedispatch::sp_reduce_scatter", mutates_args=())
 def sp_reduce_scatter(input: torch.Tensor, group_name: str) -> torch.Tensor:
     """The sum over the group of ``input``, this rank's block of token rows."""
-    world = process_group(group_name).size()
-    return _funcol.wait_tensor(_funcol.reduce_scatter_tensor(token_rows(input, world), "sum", world, group_name))
+    world = group_size(group_name)
+    return torch_internals.reduce_scatter_sum(token_rows(input, world), world, group_name)
 
 
 @torch.library.custom_op("rangedispatch::sp_shard", mutates_args=())
 def sp_shard(input: torch.Tensor, group_name: str) -> torch.Tensor:
     """This rank's block of token rows of ``input`` (which every rank holds whole)."""
-    group = process_group(group_name)
+    group = torch_internals.resolve_process_group(group_name)
     flat = input.reshape(-1, input.shape[-1])
     block = _block_rows(flat.shape[0], group.size())
     start = dist.get_rank(group) * block
@@ -55,13 +54,12 @@ def sp_shard(input: torch.Tensor, group_name: str) -> torch.Tensor:
 @torch.library.custom_op("rangedispatch::sp_all_gather", mutates_args=())
 def sp_all_gather(shard: torch.Tensor, group_name: str, shape: list[int]) -> torch.Tensor:
     """Every rank's block put back together, cut to the tokens of ``shape`` and viewed as it."""
-    world = process_group(group_name).size()
-    full = _funcol.wait_tensor(_funcol.all_gather_into_tensor(shard.contiguous(), world, group_name))
+    full = torch_internals.all_gather(shard.contiguous(), group_size(group_name), group_name)
     return full[:math.prod(shape[:-1])].view(shape)  # a view of the gathered tensor, not of an input
 
 
 def _block_like(input, group_name):
-    world = process_group(group_name).size()
+    world = group_size(group_name)
     return input.new_empty((_block_rows(input.numel() // input.shape[-1], world), input.shape[-1]))
 
 

@@ -23,7 +23,7 @@ from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
 from rangedispatch.fusion.replacement import insert_replacement
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, sp_all_gather, sp_reduce_scatter, sp_shard
 from rangedispatch.fusion.tier_plan import TierPass
-from rangedispatch.ranges import Range
+from rangedispatch.passes import PassContext
 
 
 class SequenceParallel(TierPass):
@@ -33,7 +33,7 @@ class SequenceParallel(TierPass):
     output_ops = ("torch.ops.rangedispatch.sp_reduce_scatter.default",
                   "torch.ops.rangedispatch.sp_matmul_reduce_scatter.default")
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         replaced = replace_each_site(graph, lambda m, anchor: self._replace(graph, m, anchor), "sequence parallelism")
         for node in list(graph.nodes):  # whole sums that no later site or other user needed
             if node.target is SP_ALL_GATHER and not node.users:

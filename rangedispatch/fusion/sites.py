@@ -10,9 +10,9 @@ from typing import Iterator, Optional
 import torch
 import torch.fx
 
+from rangedispatch import torch_internals
 from rangedispatch.hosts import hosts_of_group
-
-ALL_REDUCE_TARGETS = (torch.ops._c10d_functional.all_reduce, torch.ops._c10d_functional.all_reduce.default)
+from rangedispatch.passes import PassContext
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,9 @@ class AllReduceSite:
         return (self.group_name, self.bytes_per_token)
 
 
-def process_group(group_name: str) -> "torch.distributed.ProcessGroup":
-    """The process group a traced collective names (functional collectives carry names)."""
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(group_name)
-
-
 def group_size(group_name: str) -> int:
-    return process_group(group_name).size()
+    """The size of the process group a traced collective names."""
+    return torch_internals.resolve_process_group(group_name).size()
 
 
 VECTOR_BYTES = 16  # the GPU kernels move rows in 16-byte vectors
@@ -58,17 +52,15 @@ def gpu_row_unsupported(kernel: str, device: torch.device, dtype: torch.dtype, h
     return None
 
 
-def collective_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+def collective_graph(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Graph:
     """Where ``gm``'s collectives are: the graph itself, or, for DTensor graphs, its post-grad graph."""
-    from rangedispatch.graph_cache import POST_GRAD_GRAPH
-
-    return gm.meta.get(POST_GRAD_GRAPH) or gm.graph
+    return ctx.post_grad_graph or gm.graph
 
 
-def all_reduce_sites(gm: torch.fx.GraphModule) -> Iterator[AllReduceSite]:
+def all_reduce_sites(graph: torch.fx.Graph) -> Iterator[AllReduceSite]:
     """Every all-reduce of a traced graph whose input has a known fake value."""
-    for node in collective_graph(gm).nodes:
-        if node.op != "call_function" or node.target not in ALL_REDUCE_TARGETS:
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in torch_internals.ALL_REDUCE_TARGETS:
             continue
         val = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
         if not isinstance(val, torch.Tensor):
@@ -87,12 +79,11 @@ def peer_memory_unsupported(site: AllReduceSite) -> Optional[str]:
     return None
 
 
-def collective_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+def collective_counts(graph: torch.fx.Graph) -> dict[str, int]:
     """How many of each functional collective a traced graph holds (for log lines)."""
     counts: dict[str, int] = {}
-    for node in collective_graph(gm).nodes:
-        target = str(node.target) if node.op == "call_function" else ""
-        if target.startswith("_c10d_functional.") and not target.startswith("_c10d_functional.wait_tensor"):
-            name = target.split(".")[1]
+    for node in graph.nodes:
+        name = torch_internals.functional_collective(node.target) if node.op == "call_function" else None
+        if name is not None:
             counts[name] = counts.get(name, 0) + 1
     return counts

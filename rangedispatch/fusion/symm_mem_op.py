@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from rangedispatch import torch_internals
 from rangedispatch.logs import warn_once
 
 log = logging.getLogger("rangedispatch")
@@ -53,10 +54,7 @@ class SymmMemBuffers:
                     f"symm_mem_all_reduce: the symmetric buffer for group {group_name} holds "
                     f"{0 if buf is None else buf.numel()} elements, {numel} are needed, and it cannot be made "
                     "during CUDA-graph capture: run one call of the largest size before capturing")
-            import torch.distributed._symmetric_memory as symm_mem
-
-            buf = symm_mem.empty(numel, dtype=dtype, device=device)
-            symm_mem.rendezvous(buf, group_name)
+            buf = torch_internals.symmetric_buffer(numel, dtype, device, group_name)
             log.info("symm_mem buffer for group %s: %d x %s (%.1f MiB)", group_name, numel, dtype,
                      numel * buf.element_size() / 2**20)
             self._buffers[key] = buf
@@ -71,11 +69,6 @@ def _call_unsupported(input: torch.Tensor, group_name: str) -> Optional[str]:
 
     return site_unsupported("symm_mem", input.device, input.dtype, input.shape[-1] if input.dim() else 0,
                             group_size(group_name))
-
-
-def _process_group_all_reduce(input: torch.Tensor, group_name: str) -> torch.Tensor:
-    funcol = torch.ops._c10d_functional
-    return funcol.wait_tensor(funcol.all_reduce(input, "sum", group_name))
 
 
 def _symm_mem_all_reduce(input: torch.Tensor, group_name: str, oneshot_max_bytes: int, max_tokens: int) -> torch.Tensor:
@@ -114,7 +107,7 @@ def symm_mem_all_reduce(input: torch.Tensor, group_name: str, backend: str, ones
                     raise
                 reason = f"{type(e).__name__}: {e}"
         warn_once(f"symm_mem all-reduce falls back to the process group: {reason}")
-    return _process_group_all_reduce(input, group_name)
+    return torch_internals.all_reduce_sum(input, group_name)
 
 
 @symm_mem_all_reduce.register_fake

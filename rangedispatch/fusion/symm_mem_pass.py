@@ -11,14 +11,13 @@ import logging
 import torch
 import torch.fx
 
-from rangedispatch.fusion.sites import ALL_REDUCE_TARGETS, group_size
+from rangedispatch import torch_internals
+from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.symm_mem_op import SYMM_MEM_OP
 from rangedispatch.fusion.tier_plan import TierPass
-from rangedispatch.ranges import Range
+from rangedispatch.passes import PassContext
 
 log = logging.getLogger("rangedispatch")
-
-_WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
 class SymmMemAllReduce(TierPass):
@@ -26,16 +25,17 @@ class SymmMemAllReduce(TierPass):
     tier = "symm_mem"
     output_ops = ("torch.ops.rangedispatch.symm_mem_all_reduce.default",)
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         _, last = self.plan.symm_span
         replaced = 0
         for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in ALL_REDUCE_TARGETS:
+            if node.op != "call_function" or node.target not in torch_internals.ALL_REDUCE_TARGETS:
                 continue
             inp, op, group_name = node.args[:3]
             val = inp.meta.get("val") if isinstance(inp, torch.fx.Node) else None
             waits = list(node.users)
-            if op != "sum" or not isinstance(val, torch.Tensor) or not waits or any(u.target is not _WAIT for u in waits):
+            if (op != "sum" or not isinstance(val, torch.Tensor) or not waits
+                    or any(u.target is not torch_internals.FUNCTIONAL_WAIT for u in waits)):
                 log.info("symm_mem: all-reduce %s left to the process group (not a waited sum)", node.name)
                 continue
             hidden = val.shape[-1] if val.dim() and not isinstance(val.shape[-1], torch.SymInt) else 0

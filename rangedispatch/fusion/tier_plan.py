@@ -36,9 +36,10 @@ from rangedispatch.fusion.sites import (
     AllReduceSite,
     all_reduce_sites,
     collective_counts,
+    collective_graph,
     peer_memory_unsupported,
 )
-from rangedispatch.passes import GraphPass, source_digest
+from rangedispatch.passes import GraphPass, PassContext, source_digest
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
@@ -71,14 +72,15 @@ class TierPlan:
         self._said_no_all_reduce = False
 
     # -- reading traced graphs ---------------------------------------------------------------
-    def observe(self, gm: torch.fx.GraphModule) -> None:
+    def observe(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         """Add the sites of a traced graph (each graph once, each site decided once)."""
         if id(gm) in self._observed:
             return
         self._observed.add(id(gm))
-        sites = list(all_reduce_sites(gm))
+        graph = collective_graph(gm, ctx)
+        sites = list(all_reduce_sites(graph))
         if not sites:
-            self._say_no_all_reduce(gm)
+            self._say_no_all_reduce(graph)
         for site in sites:
             if site.key not in self.sites:
                 sp_from, fused = self._sp_from(site), self._fused_tokens(site)
@@ -145,13 +147,13 @@ class TierPlan:
                  max(start, sp_from), site.group_name, self.hardware.name, min_bytes)
         return start
 
-    def _say_no_all_reduce(self, gm: torch.fx.GraphModule) -> None:
+    def _say_no_all_reduce(self, graph: torch.fx.Graph) -> None:
         import torch.distributed as dist
 
         if self._said_no_all_reduce or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         self._said_no_all_reduce = True
-        counts = collective_counts(gm)
+        counts = collective_counts(graph)
         seen = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none"
         note = ("; reduce-scatter sites (sequence parallelism) are not fused: their norm runs on a token shard"
                 if any("reduce_scatter" in k for k in counts) else "")
@@ -239,8 +241,8 @@ class TierPass(GraphPass):
     def __init__(self, plan: TierPlan):
         self.plan = plan
 
-    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
-        self.plan.observe(gm)
+    def split_points(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[int]:
+        self.plan.observe(gm, ctx)
         span = self.plan.span(self.tier)
         if span is None:
             return []

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rangedispatch import torch_internals
 from rangedispatch.gemm.skinny_gemm_op import MAX_WEIGHTS  # the kernel has a pointer argument per weight
 
 
@@ -114,8 +115,6 @@ def compile_configs(rows: list[torch.Tensor], bs: list[torch.Tensor], biases: li
     its reason, when it is launched."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from torch._inductor import config as inductor_config
-
     device = rows[0].device
 
     def compile_one(cfg: tuple[int, ...]) -> None:
@@ -126,5 +125,5 @@ def compile_configs(rows: list[torch.Tensor], bs: list[torch.Tensor], biases: li
                 except Exception:  # reported, with its reason, by the launch that follows
                     return
 
-    with ThreadPoolExecutor(max(1, min(len(configs), inductor_config.compile_threads))) as pool:
+    with ThreadPoolExecutor(max(1, min(len(configs), torch_internals.compile_threads()))) as pool:
         list(pool.map(compile_one, configs))

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from rangedispatch.gemm.skinny_gemm_op import MAX_WEIGHTS, SKINNY_MM_OP, TileConfig, block_m_for, unsupported
-from rangedispatch.passes import RESHAPE_OPS, GraphPass, source_digest
+from rangedispatch.passes import RESHAPE_OPS, GraphPass, PassContext, source_digest
 from rangedispatch.ranges import Range
 
 log = logging.getLogger("rangedispatch")
@@ -85,7 +85,7 @@ class SkinnyGemm(GraphPass):
         self.mode = mode  # "tuned": where faster than cuBLAS; "always": every matmul it can take
         self._said: set[str] = set()
 
-    def split_points(self, gm: torch.fx.GraphModule) -> list[int]:
+    def split_points(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[int]:
         """Powers of two from the smallest tile height up to the limit: a range of 2-32 tokens would
         otherwise run 32-row tiles at 2 rows and give up configurations that win at 16."""
         points, height = [], block_m_for(1)
@@ -97,11 +97,12 @@ class SkinnyGemm(GraphPass):
     def applies(self, r: Range) -> bool:
         return r.end <= self.max_tokens
 
-    def __call__(self, graph: torch.fx.Graph, r: Range) -> int:
+    def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         from torch._inductor.pattern_matcher import stable_topological_sort
 
+        r = ctx.range
         launches = 0
-        groups = self._groups(graph, r)
+        groups = self._groups(graph, ctx)
         if groups and not importlib.util.find_spec("triton"):
             self._say("skinny GEMM: matmuls left as they are: Triton is not installed")
             return 0
@@ -119,7 +120,7 @@ class SkinnyGemm(GraphPass):
             stable_topological_sort(graph)  # a group's op needs every member's weight before it
         return launches  # matches are launches, as output_ops counts them in the generated code
 
-    def _groups(self, graph: torch.fx.Graph, r: Range) -> list[list[_Matmul]]:
+    def _groups(self, graph: torch.fx.Graph, ctx: PassContext) -> list[list[_Matmul]]:
         """The matmuls the op can take, grouped by the input they read (and bias or not); a matmul
         whose weight or bias the graph computes stays alone."""
         groups: dict[tuple, list[_Matmul]] = {}
@@ -128,7 +129,7 @@ class SkinnyGemm(GraphPass):
                 continue
             a, b, bias = ops
             va, vb = a.meta["val"], b.meta["val"]
-            reason = _rows_beyond(va.shape[0], r) or unsupported(va, vb, bias.meta["val"] if bias is not None else None)
+            reason = _rows_beyond(va.shape[0], ctx) or unsupported(va, vb, bias.meta["val"] if bias is not None else None)
             if reason is not None:
                 self._say(f"skinny GEMM: matmuls left as they are: {reason}")
                 continue
@@ -168,16 +169,11 @@ def _replace(graph: torch.fx.Graph, matmuls: list[_Matmul], cfg: TileConfig) -> 
         graph.erase_node(m.node)
 
 
-def _rows_beyond(rows: "int | torch.SymInt", r: Range) -> Optional[str]:
+def _rows_beyond(rows: "int | torch.SymInt", ctx: PassContext) -> Optional[str]:
     """Why a matmul's rows are not the range's token count, or None. The tiles are timed for the
     range's sizes; rows that exceed them (``4 * tokens``, a cache length) would run a tile shape timed
     for something else. While a range compiles, the token count's size hint is the range's end."""
-    at_end: Optional[int] = rows if isinstance(rows, int) else None
-    if isinstance(rows, torch.SymInt):
-        from rangedispatch.torch_internals import size_hints
-
-        value = rows.node.expr.xreplace(size_hints(rows.node.shape_env))
-        at_end = int(value) if value.is_number else None
-    if at_end is not None and at_end <= r.end:
+    at_end = ctx.size_hint(rows)
+    if at_end is not None and at_end <= ctx.range.end:
         return None
-    return f"{rows} rows, more than the {r.end} tokens at the range's end (not the token count)"
+    return f"{rows} rows, more than the {ctx.range.end} tokens at the range's end (not the token count)"

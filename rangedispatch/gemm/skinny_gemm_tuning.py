@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from rangedispatch import torch_internals
 from rangedispatch.gemm.skinny_gemm_op import CANDIDATES, TileConfig, block_m_for, skinny_mm
 from rangedispatch.ranges import Range
 
@@ -52,12 +53,10 @@ def _time_and_pick(device: torch.device, dtype: torch.dtype, ns: tuple[int, ...]
                    r: Range, always: bool) -> Optional[TileConfig]:
     from triton.testing import do_bench_cudagraph
 
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     from rangedispatch.gemm._skinny_gemm_triton import compile_configs
 
     shape = f"{'+'.join(map(str, ns))}x{k} {str(dtype).removeprefix('torch.')}{' +bias' if has_bias else ''}"
-    with unset_fake_temporarily(), torch.no_grad(), torch.cuda.device(device):
+    with torch_internals.real_tensors(), torch.no_grad(), torch.cuda.device(device):
         bs = [(torch.randn(n, k, dtype=dtype, device=device) * k ** -0.5).t() for n in ns]
         biases = [torch.randn(n, dtype=dtype, device=device) for n in ns] if has_bias else []
         rows = [torch.randn(m, k, dtype=dtype, device=device) for m in sorted({r.start, r.end})]

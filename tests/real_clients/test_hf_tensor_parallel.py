@@ -1,6 +1,9 @@
 """Hugging Face models under tensor parallelism on 2 gloo ranks, written by hand and with DTensor
 (``parallelize_module``): the same ranges, the same fusion threshold, the same matches and eager
-numerics on both ranks, with the first call at 1 token. One spawn runs the whole matrix."""
+numerics on both ranks, with the first call at 1 token. One spawn runs the whole matrix; the ranks
+return named records (below)."""
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,6 +18,23 @@ SEQS = (1, 5, 40, THRESHOLD + 44, 1)
 CASES = [(family, style) for family in ("llama", "qwen2", "gemma2") for style in ("handwritten", "dtensor")]
 CASES += [("llama", "dtensor_output")]  # use_local_output=False: the row-parallel outputs stay DTensors
 SITES = 4  # 2 layers x (attention output, MLP output): all-reduce -> (+ residual) -> RMSNorm
+
+
+@dataclass(frozen=True, order=True)
+class GraphMatches:
+    """The matches of every pass in one graph's compile for one range."""
+
+    range: str
+    matches: int
+
+
+@dataclass
+class TPCase:
+    """A Hugging Face model under one TP style, wrapped on one rank."""
+
+    ranges: list[str]
+    errors: list[float]  # per call: the largest absolute difference from eager
+    per_graph: list[GraphMatches]  # sorted
 
 
 def _matrix(rank, world, cases, overrides=(), seqs=SEQS):
@@ -34,8 +54,9 @@ def _matrix(rank, world, cases, overrides=(), seqs=SEQS):
                 if type(got) is not torch.Tensor:  # DTensor outputs
                     got, want = got.full_tensor(), want.full_tensor()
                 errors.append((got - want).abs().max().item())
-        per_graph = sorted((str(r), sum(rec.matches.values())) for g in m.graphs for r, rec in g.records.items())
-        results[(family, style)] = dict(ranges=[str(r) for r in m.ranges], errors=errors, per_graph=per_graph)
+        per_graph = sorted(GraphMatches(str(r), sum(rec.matches.values())) for g in m.graphs
+                           for r, rec in g.records.items())
+        results[(family, style)] = TPCase([str(r) for r in m.ranges], errors, per_graph)
     return results
 
 
@@ -52,11 +73,12 @@ def matrix():
 def test_tensor_parallel_hf_model_fuses_like_the_handwritten_form(matrix, case):
     for rank_results in matrix:
         res = rank_results[case]
-        assert res["ranges"] == ["[1,8]", "[9,32]", f"[33,{THRESHOLD}]", f"[{THRESHOLD + 1},1024]"]
-        assert max(res["errors"]) < 1e-4, res["errors"]
+        assert res.ranges == ["[1,8]", "[9,32]", f"[33,{THRESHOLD}]", f"[{THRESHOLD + 1},1024]"]
+        assert max(res.errors) < 1e-4, res.errors
         # every graph compiled for a fused range fused every site; none above the threshold
-        assert res["per_graph"] == sorted([("[1,8]", SITES), ("[1,8]", SITES), (f"[33,{THRESHOLD}]", SITES),
-                                           (f"[{THRESHOLD + 1},1024]", 0)])
+        assert res.per_graph == sorted([GraphMatches("[1,8]", SITES), GraphMatches("[1,8]", SITES),
+                                        GraphMatches(f"[33,{THRESHOLD}]", SITES),
+                                        GraphMatches(f"[{THRESHOLD + 1},1024]", 0)])
 
 
 SP_CASES = [("llama", "handwritten"), ("llama", "dtensor"), ("qwen2", "handwritten")]  # Qwen2: q/k/v with biases
@@ -76,7 +98,7 @@ def test_sequence_parallel_tier_with_async_tp_on_hf_llama_matches_eager():
     for rank_results in spawn_ranks(_matrix, 2, SP_CASES, sp, (1, 5, THRESHOLD + 45, 700), backend="gloo"):
         for case in SP_CASES:
             res = rank_results[case]
-            assert res["ranges"] == ["[1,8]", "[9,32]", f"[33,{THRESHOLD}]", f"[{THRESHOLD + 1},1024]"], case
-            assert max(res["errors"]) < 1e-4, (case, res["errors"])
+            assert res.ranges == ["[1,8]", "[9,32]", f"[33,{THRESHOLD}]", f"[{THRESHOLD + 1},1024]"], case
+            assert max(res.errors) < 1e-4, (case, res.errors)
             # SITES sequence-parallel sites; async TP: SITES matmul + reduce-scatter, 3 gathers + matmuls
-            assert (f"[{THRESHOLD + 1},1024]", SITES + SITES + 3) in res["per_graph"], (case, res["per_graph"])
+            assert GraphMatches(f"[{THRESHOLD + 1},1024]", SITES + SITES + 3) in res.per_graph, (case, res.per_graph)

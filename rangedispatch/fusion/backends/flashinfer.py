@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 import torch
 
+from rangedispatch import torch_internals
 from rangedispatch.fusion.backends import FusedCall
-from rangedispatch.fusion.sites import gpu_row_unsupported, process_group
+from rangedispatch.fusion.sites import group_size, gpu_row_unsupported
 
 log = logging.getLogger("rangedispatch")
 
@@ -53,7 +54,7 @@ class FlashInferBackend:
 
     def unsupported(self, call: FusedCall) -> Optional[str]:
         x = call.input
-        reason = self.site_unsupported(x.device, x.dtype, x.shape[-1], process_group(call.group_name).size())
+        reason = self.site_unsupported(x.device, x.dtype, x.shape[-1], group_size(call.group_name))
         if reason is None and self._flashinfer() is None:
             reason = self._import_error
         return reason
@@ -63,7 +64,7 @@ class FlashInferBackend:
         key = (call.group_name, hidden, x.dtype, x.device)
         ws = self._workspaces.get(key)
         if ws is None:
-            group = process_group(call.group_name)
+            group = torch_internals.resolve_process_group(call.group_name)
             max_tokens = max(call.max_tokens, x.numel() // hidden)
             ws = self._comm.create_allreduce_fusion_workspace(
                 backend="trtllm", world_size=group.size(), rank=group.rank(), max_token_num=max_tokens,

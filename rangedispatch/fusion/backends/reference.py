@@ -3,8 +3,7 @@ Runs on any device; what CPU uses and what GPU backends fall back to."""
 
 from __future__ import annotations
 
-import torch
-
+from rangedispatch import torch_internals
 from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
 
 
@@ -18,8 +17,7 @@ class ReferenceBackend:
         return None
 
     def run(self, call):
-        funcol = torch.ops._c10d_functional
-        h = funcol.wait_tensor(funcol.all_reduce(call.input, "sum", call.group_name))
+        h = torch_internals.all_reduce_sum(call.input, call.group_name)
         if call.residual is not None:
             h = h + call.residual
         out = rms_norm(h, call.weight, call.eps, call.weight_mode)
