@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from rangedispatch import torch_internals
+from rangedispatch.torch_internals import transforms_active
 
 _lock = threading.Lock()
 _codes: dict[types.CodeType, list] = {}  # entry code -> the transformed codes Dynamo made for it
@@ -164,7 +165,7 @@ class CallSignature:
                 self.tensor_slots.append(where)
         self.aliasing = self._aliasing_of([id(args[w] if type(w) is int else kwargs[w]) for w in self.tensor_slots])
         self.distinct = len(set(self.aliasing)) == len(self.aliasing)
-        self.global_state = torch_internals.global_state_guard()
+        self.global_state_holds = torch_internals.global_state_guard().check
         if torch_internals.transforms_active():
             self.reason = "the traced call ran under a functorch transform or a torch-function / dispatch mode"
         self.module_type = type(module)
@@ -201,7 +202,7 @@ class CallSignature:
     def accepts(self, x: torch.Tensor, args: tuple, kwargs: dict, module: torch.nn.Module) -> bool:
         if len(args) != self.n_args or kwargs.keys() != self.keys:
             return False
-        if not self.global_state.check() or torch_internals.transforms_active():
+        if not self.global_state_holds() or transforms_active():
             return False
         if type(module) is not self.module_type or module.training is not self.training:
             return False

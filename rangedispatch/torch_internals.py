@@ -86,12 +86,16 @@ def global_state_guard() -> Any:
     return torch._C._dynamo.guards.GlobalStateGuard()
 
 
+_functorch_level = torch._C._functorch.maybe_current_level
+_torch_function_modes = torch._C._len_torch_function_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
 def transforms_active() -> bool:
     """A functorch transform (vmap, grad), a torch-function mode or a dispatch mode is active:
-    Dynamo's guards account for these; a call that skips them must not run under one."""
-    return (torch._C._functorch.maybe_current_level() is not None
-            or torch._C._len_torch_function_stack() > 0
-            or torch._C._len_torch_dispatch_stack() > 0)
+    Dynamo's guards account for these; a call that skips them must not run under one. (The C
+    functions are bound once: this runs on every guard-free call.)"""
+    return _functorch_level() is not None or _torch_function_modes() > 0 or _dispatch_modes() > 0
 
 
 def fx_tracing() -> bool:
