@@ -18,12 +18,13 @@ from rangedispatch.fusion.matcher import FusionMatch, replace_each_site, retire_
 from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.tier_plan import TierPass
+from rangedispatch.fusion.tiers import FUSED
 from rangedispatch.passes import PassContext
 
 
 class AllReduceRMSNormFusion(TierPass):
     name = "allreduce_rmsnorm"
-    tier = "fused"
+    tier = FUSED
     output_ops = ("torch.ops.rangedispatch.fused_allreduce_rmsnorm.default",)
 
     def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
@@ -32,7 +33,7 @@ class AllReduceRMSNormFusion(TierPass):
     def _replace(self, graph: torch.fx.Graph, m: FusionMatch, anchor: torch.fx.Node) -> bool:
         with graph.inserting_before(anchor.next):
             fused = call_with_value(graph, FUSED_OP, (
-                m.input, m.residual, m.weight, m.scale, m.eps, m.weight_mode, m.group_name, self.plan.fused_backend,
+                m.input, m.residual, m.weight, m.scale, m.eps, m.weight_mode, m.group_name, self.backend,
                 self.plan.hardware.thresholds_for(group_size(m.group_name)).oneshot_max_bytes, self.plan.fused_end))
             out = call_with_value(graph, operator.getitem, (fused, 0))
             pre_norm = call_with_value(graph, operator.getitem, (fused, 1))

@@ -26,9 +26,8 @@ import torch
 from rangedispatch import torch_internals
 from rangedispatch.fusion.sequence_parallel_op import token_rows, sp_all_gather, sp_reduce_scatter
 from rangedispatch.fusion.sites import group_size
+from rangedispatch.fusion.tiers import REFERENCE
 from rangedispatch.logs import warn_once
-
-BACKENDS = ("symm_mem", "reference")
 
 
 def _block_bytes(max_tokens: int, world: int, row: int, dtype: torch.dtype) -> int:
@@ -37,9 +36,9 @@ def _block_bytes(max_tokens: int, world: int, row: int, dtype: torch.dtype) -> i
 
 
 def _fast_path(backend: str, device: torch.device, what: str) -> bool:
-    if backend == "symm_mem" and device.type != "cuda":
+    if backend != REFERENCE and device.type != "cuda":
         warn_once(f"async TP {what} runs through the process group: its kernels need CUDA, not {device.type}")
-    return backend == "symm_mem" and device.type == "cuda"
+    return backend != REFERENCE and device.type == "cuda"
 
 
 def _fall_back(what: str, error: Exception) -> None:

@@ -28,7 +28,8 @@ from rangedispatch.fusion.async_tp_op import SP_ALL_GATHER_MATMUL, SP_MATMUL_RED
 from rangedispatch.fusion.matcher import is_call
 from rangedispatch.fusion.replacement import call_with_value
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, SP_REDUCE_SCATTER
-from rangedispatch.fusion.tier_plan import TierPass, TierPlan
+from rangedispatch.fusion.tier_plan import TierPass
+from rangedispatch.fusion.tiers import ASYNC_TP
 from rangedispatch.passes import RESHAPE_OPS, PassContext
 
 log = logging.getLogger("rangedispatch")
@@ -38,13 +39,9 @@ aten = torch.ops.aten
 
 class AsyncTensorParallel(TierPass):
     name = "async_tp"
-    tier = "async_tp"
+    tier = ASYNC_TP
     output_ops = ("torch.ops.rangedispatch.sp_all_gather_matmul.default",
                   "torch.ops.rangedispatch.sp_matmul_reduce_scatter.default")
-
-    def __init__(self, plan: TierPlan, backend: str):
-        super().__init__(plan)
-        self.backend = backend  # "symm_mem" or "reference" (async_tp_op.BACKENDS)
 
     def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
         replaced = 0
@@ -54,9 +51,6 @@ class AsyncTensorParallel(TierPass):
             elif is_call(node, SP_REDUCE_SCATTER) and self.plan.async_tp_serves(node.args[1]):
                 replaced += self._matmul_reduce_scatter(graph, node)
         return replaced
-
-    def config_key(self) -> str:
-        return f"{super().config_key()}|{self.backend}"
 
     def _gather_matmuls(self, graph: torch.fx.Graph, gather: torch.fx.Node) -> int:
         shard, group_name, shape = gather.args

@@ -23,12 +23,13 @@ from rangedispatch.fusion.numerics import quantize_fp8, rms_norm
 from rangedispatch.fusion.replacement import insert_replacement
 from rangedispatch.fusion.sequence_parallel_op import SP_ALL_GATHER, sp_all_gather, sp_reduce_scatter, sp_shard
 from rangedispatch.fusion.tier_plan import TierPass
+from rangedispatch.fusion.tiers import SEQUENCE_PARALLEL
 from rangedispatch.passes import PassContext
 
 
 class SequenceParallel(TierPass):
     name = "sequence_parallel"
-    tier = "sequence_parallel"
+    tier = SEQUENCE_PARALLEL
     # a site's reduce-scatter, or the async-TP op that took it over (async_tp_pass.py)
     output_ops = ("torch.ops.rangedispatch.sp_reduce_scatter.default",
                   "torch.ops.rangedispatch.sp_matmul_reduce_scatter.default")

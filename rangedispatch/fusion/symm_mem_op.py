@@ -20,19 +20,19 @@ from typing import Optional
 import torch
 
 from rangedispatch import torch_internals
+from rangedispatch.fusion.tiers import REFERENCE
 from rangedispatch.logs import warn_once
 
 log = logging.getLogger("rangedispatch")
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
-BACKENDS = ("symm_mem", "reference")
 
 
 def site_unsupported(backend: str, device: torch.device, dtype: torch.dtype, hidden: int, world: int) -> Optional[str]:
     """Why an all-reduce cannot use this tier at all (it stays with NCCL), or None."""
     if world < 2:
         return f"world size {world} has nothing to all-reduce across"
-    if backend == "reference":
+    if backend == REFERENCE:
         return None
     from rangedispatch.fusion.sites import gpu_row_unsupported
 
@@ -64,10 +64,10 @@ class SymmMemBuffers:
 BUFFERS = SymmMemBuffers()
 
 
-def _call_unsupported(input: torch.Tensor, group_name: str) -> Optional[str]:
+def _call_unsupported(backend: str, input: torch.Tensor, group_name: str) -> Optional[str]:
     from rangedispatch.fusion.sites import group_size
 
-    return site_unsupported("symm_mem", input.device, input.dtype, input.shape[-1] if input.dim() else 0,
+    return site_unsupported(backend, input.device, input.dtype, input.shape[-1] if input.dim() else 0,
                             group_size(group_name))
 
 
@@ -97,8 +97,8 @@ def symm_mem_all_reduce(input: torch.Tensor, group_name: str, backend: str, ones
                         max_tokens: int) -> torch.Tensor:
     """Sum of ``input`` over the group. ``oneshot_max_bytes``: one-shot up to this input size (bytes
     per rank), two-shot above. ``max_tokens``: the tier's largest token count, which sizes the buffer."""
-    if backend == "symm_mem":
-        reason = _call_unsupported(input, group_name)
+    if backend != REFERENCE:
+        reason = _call_unsupported(backend, input, group_name)
         if reason is None:
             try:
                 return _symm_mem_all_reduce(input, group_name, oneshot_max_bytes, max_tokens)

@@ -15,6 +15,7 @@ from rangedispatch import torch_internals
 from rangedispatch.fusion.sites import group_size
 from rangedispatch.fusion.symm_mem_op import SYMM_MEM_OP
 from rangedispatch.fusion.tier_plan import TierPass
+from rangedispatch.fusion.tiers import SYMM_MEM
 from rangedispatch.passes import PassContext
 
 log = logging.getLogger("rangedispatch")
@@ -22,7 +23,7 @@ log = logging.getLogger("rangedispatch")
 
 class SymmMemAllReduce(TierPass):
     name = "symm_mem_allreduce"
-    tier = "symm_mem"
+    tier = SYMM_MEM
     output_ops = ("torch.ops.rangedispatch.symm_mem_all_reduce.default",)
 
     def __call__(self, graph: torch.fx.Graph, ctx: PassContext) -> int:
@@ -44,8 +45,7 @@ class SymmMemAllReduce(TierPass):
                 continue
             oneshot_max_bytes = self.plan.hardware.thresholds_for(group_size(group_name)).symm_mem_oneshot_max_bytes
             with graph.inserting_before(node):
-                new = graph.call_function(SYMM_MEM_OP, (inp, group_name, self.plan.symm_backend, oneshot_max_bytes,
-                                                        last))
+                new = graph.call_function(SYMM_MEM_OP, (inp, group_name, self.backend, oneshot_max_bytes, last))
             new.meta["val"] = waits[0].meta.get("val", node.meta.get("val"))
             for w in waits:
                 w.replace_all_uses_with(new)

@@ -1,7 +1,7 @@
 """One tier plan per wrapped model: for each all-reduce site of its traced graphs, the token counts
-the fused kernel takes, those symmetric memory takes, and the rest, which stay with NCCL.
+each tier (``tiers.py``) takes, and the rest, which stay with NCCL.
 
-Both tier passes read the plan rather than deciding for themselves. The sites of a graph are
+Every tier pass reads the plan rather than deciding for itself. The sites of a graph are
 scanned once, every reason a tier cannot serve a site is checked (and said) once per site, and the
 symmetric-memory tier starts after the fused one whatever order the passes run in.
 
@@ -39,6 +39,7 @@ from rangedispatch.fusion.sites import (
     collective_graph,
     peer_memory_unsupported,
 )
+from rangedispatch.fusion.tiers import ASYNC_TP, FUSED, SEQUENCE_PARALLEL, SYMM_MEM, Tier
 from rangedispatch.passes import GraphPass, PassContext, source_digest
 from rangedispatch.ranges import Range
 
@@ -57,15 +58,13 @@ class SiteTiers:
 
 
 class TierPlan:
-    """The tiers of every all-reduce site one wrapped model traced. ``symm_backend`` None: the
-    symmetric-memory tier is off (``fusion.symm_mem=false``)."""
+    """The tiers of every all-reduce site one wrapped model traced. ``backends``: the tiers the
+    config leaves on, each with the backend its op runs (``tiers.backend_for``); a tier left out
+    (``fusion.symm_mem=false``, ``fusion.async_tp=false``) takes no sizes."""
 
-    def __init__(self, hardware: HardwareConfig, fused_backend: str, symm_backend: Optional[str], max_num_tokens: int,
-                 async_tp: bool = False):
+    def __init__(self, hardware: HardwareConfig, backends: dict[Tier, str], max_num_tokens: int):
         self.hardware = hardware
-        self.fused_backend = fused_backend
-        self.symm_backend = symm_backend
-        self.async_tp = async_tp  # the profile's async-TP sizes are used (fusion.async_tp)
+        self.backends = backends
         self.max_num_tokens = max_num_tokens
         self.sites: dict[tuple[str, int], SiteTiers] = {}
         self._observed: set[int] = set()
@@ -93,7 +92,7 @@ class TierPlan:
         if site.world_size < 2:
             reason = f"world size {site.world_size} has nothing to all-reduce across"
         else:
-            reason = peer_memory_unsupported(site) or backends.get(self.fused_backend).site_unsupported(
+            reason = peer_memory_unsupported(site) or backends.get(self.backends[FUSED]).site_unsupported(
                 site.device, site.dtype, site.hidden, site.world_size)
         if reason is not None:
             log.info("fusion off for all-reduce %s: %s", site.node, reason)
@@ -108,12 +107,12 @@ class TierPlan:
 
     def _symm_tokens(self, site: AllReduceSite, fused: int) -> Optional[tuple[int, int]]:
         t = self.hardware.thresholds_for(site.world_size)
-        if self.symm_backend is None or not t.symm_mem_max_bytes:
+        if SYMM_MEM not in self.backends or not t.symm_mem_max_bytes:
             return None
         from rangedispatch.fusion.symm_mem_op import site_unsupported
 
         reason = peer_memory_unsupported(site) or site_unsupported(
-            self.symm_backend, site.device, site.dtype, site.hidden, site.world_size)
+            self.backends[SYMM_MEM], site.device, site.dtype, site.hidden, site.world_size)
         if reason is not None:
             log.info("symm_mem tier off for all-reduce %s: %s", site.node, reason)
             return None
@@ -136,7 +135,7 @@ class TierPlan:
 
     def _async_tp_from(self, site: AllReduceSite, sp_from: int) -> Optional[int]:
         min_bytes = self.hardware.thresholds_for(site.world_size).async_tp_min_bytes_for(site.hidden)
-        if not self.async_tp or not min_bytes:
+        if ASYNC_TP not in self.backends or not min_bytes:
             return None
         reason = peer_memory_unsupported(site)
         if reason is not None:
@@ -200,12 +199,11 @@ class TierPlan:
         first = max(sp[0], *starts)
         return (first, sp[1]) if first <= sp[1] else None
 
-    def span(self, tier: str) -> Optional[tuple[int, int]]:
-        """The token counts ``[first, last]`` of ``tier`` ("fused", "symm_mem", "sequence_parallel",
-        "async_tp"); None: none."""
-        if tier == "fused":
+    def span(self, tier: Tier) -> Optional[tuple[int, int]]:
+        """The token counts ``[first, last]`` of ``tier`` (one of ``tiers.TIERS``); None: none."""
+        if tier is FUSED:
             return (1, self.fused_end) if self.fused_end >= 1 else None
-        return {"symm_mem": self.symm_span, "sequence_parallel": self.sp_span, "async_tp": self.async_tp_span}[tier]
+        return {SYMM_MEM: self.symm_span, SEQUENCE_PARALLEL: self.sp_span, ASYNC_TP: self.async_tp_span}[tier]
 
     def sp_serves(self, group_name: str) -> bool:
         """Whether the all-reduces of this group are sites the sequence-parallel tier serves."""
@@ -224,7 +222,8 @@ class TierPlan:
     def key(self) -> str:
         """Everything that changes the rewritten graphs: thresholds, backends and the spans."""
         t = sorted((k, dataclasses.astuple(v)) for k, v in self.hardware.thresholds.items())
-        return (f"{self.hardware.name}|{t}|{self.fused_backend}|{self.symm_backend}|fused<={self.fused_end}"
+        backends = {tier.name: backend for tier, backend in self.backends.items()}
+        return (f"{self.hardware.name}|{t}|{backends}|fused<={self.fused_end}"
                 f"|symm={self.symm_span}|sp={self.sp_span}|async_tp={self.async_tp_span}")
 
 
@@ -236,10 +235,15 @@ class TierPass(GraphPass):
 
     inference_only = True
     replaces_collectives = True
-    tier: str = ""
+    tier: Tier  # its entry in ``tiers.TIERS``
 
     def __init__(self, plan: TierPlan):
         self.plan = plan
+
+    @property
+    def backend(self) -> str:
+        """The backend its op runs (the plan's, for this tier)."""
+        return self.plan.backends[self.tier]
 
     def split_points(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[int]:
         self.plan.observe(gm, ctx)

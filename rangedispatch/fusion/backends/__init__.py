@@ -1,5 +1,6 @@
-"""Registry of the fused op's kernels. A backend runs the whole fused op or says why it cannot
-(``unsupported``); the op then falls back to ``reference`` and warns once per reason."""
+"""The fused op's kernels, one module each, named by the fused tier's ``backends`` (``tiers.py``). A
+backend runs the whole fused op or says why it cannot (``unsupported``); the op then falls back to
+``reference`` and warns once per reason."""
 
 from __future__ import annotations
 
@@ -9,13 +10,9 @@ from typing import Optional, Protocol
 
 import torch
 
+from rangedispatch.fusion.tiers import FUSED, REFERENCE
 from rangedispatch.logs import warn_once
 
-# name -> module defining BACKEND; modules import lazily (flashinfer only when asked for)
-_MODULES = {
-    "reference": "rangedispatch.fusion.backends.reference",
-    "flashinfer": "rangedispatch.fusion.backends.flashinfer",
-}
 _loaded: dict[str, "FusedBackend"] = {}
 
 
@@ -50,10 +47,10 @@ class FusedBackend(Protocol):
 def get(name: str) -> FusedBackend:
     backend = _loaded.get(name)
     if backend is None:
-        if name not in _MODULES:
-            raise ValueError(f"unknown fused backend {name!r}; available: {', '.join(_MODULES)}")
-        try:
-            backend = importlib.import_module(_MODULES[name]).BACKEND
+        if name not in FUSED.backends:
+            raise ValueError(f"unknown fused backend {name!r}; available: {', '.join(FUSED.backends)}")
+        try:  # each backend's module on first use: FlashInfer's only where it is asked for
+            backend = importlib.import_module(f"{__name__}.{name}").BACKEND
         except ImportError as e:
             backend = _Unavailable(name, f"cannot import: {e}")
         _loaded[name] = backend
@@ -62,11 +59,11 @@ def get(name: str) -> FusedBackend:
 
 def run_fused(name: str, call: FusedCall) -> tuple[torch.Tensor, torch.Tensor]:
     backend = get(name)
-    if name != "reference":
+    if name != REFERENCE:
         reason = backend.unsupported(call)
         if reason is not None:
             warn_once(f"fused backend {name} falls back to reference: {reason}")
-            backend = get("reference")
+            backend = get(REFERENCE)
     return backend.run(call)
 
 
