@@ -19,11 +19,12 @@ from rangedispatch.config.checks import (
     fail,
     is_int,
 )
+from rangedispatch.fusion.tiers import FUSED, TIERS
 
 OUT_OF_RANGE_MODES = ("error", "eager", "compile")
 MAX_AUTOTUNE_MODES = ("never", "single_sizes", "always")
 SKINNY_GEMM_MODES = ("never", "tuned", "always")
-FUSED_BACKENDS = ("auto", "reference", "flashinfer")
+FUSED_BACKENDS = ("auto", *FUSED.backends)
 
 
 @dataclass
@@ -211,6 +212,9 @@ class TierThresholds:
         return self.async_tp_min_bytes_by_hidden.get(str(hidden), self.async_tp_min_bytes)
 
 
+_NO_TIERS = TierThresholds()  # every key at its default: a mapping marks one given per hidden size
+
+
 @dataclass
 class HardwareConfig:
     """A hardware profile (conf/hardware/NAME.yaml): measured thresholds for one kind of machine."""
@@ -255,15 +259,14 @@ class HardwareConfig:
             if not isinstance(t, TierThresholds):
                 raise fail(f"{k}.thresholds.{ws}", t,
                            f"a mapping with {', '.join(f.name for f in fields(TierThresholds))}")
-            check_int(f"{k}.thresholds.{ws}.fused_max_bytes", t.fused_max_bytes, lo=0)
-            for name in ("oneshot_max_bytes", "symm_mem_min_bytes", "symm_mem_max_bytes", "symm_mem_oneshot_max_bytes",
-                         "sp_min_bytes", "async_tp_min_bytes"):
-                check_int(f"{k}.thresholds.{ws}.{name}", getattr(t, name), lo=0)
+            for name in (name for tier in TIERS for name in tier.thresholds):  # bytes, or bytes by hidden size
+                if isinstance(getattr(_NO_TIERS, name), dict):
+                    setattr(t, name, _bytes_by_hidden(f"{k}.thresholds.{ws}.{name}", getattr(t, name)))
+                else:
+                    check_int(f"{k}.thresholds.{ws}.{name}", getattr(t, name), lo=0)
             if t.symm_mem_max_bytes and t.symm_mem_min_bytes > t.symm_mem_max_bytes:
                 raise fail(f"{k}.thresholds.{ws}.symm_mem_min_bytes", t.symm_mem_min_bytes,
                            f"at most symm_mem_max_bytes ({t.symm_mem_max_bytes})")
-            for name in ("fused_max_bytes_by_hidden", "sp_min_bytes_by_hidden", "async_tp_min_bytes_by_hidden"):
-                setattr(t, name, _bytes_by_hidden(f"{k}.thresholds.{ws}.{name}", getattr(t, name)))
             normalized[ws] = t
         self.thresholds = normalized
         self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, lo=1)
