@@ -7,7 +7,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
-STATIC = ("fusion_off", "fusion_everywhere", "sequence_parallel", "async_tp")
+from rangedispatch.fusion.tiers import ASYNC_TP, SEQUENCE_PARALLEL
+
+# the variants that run one tier at every size
+STATIC = ("fusion_off", "fusion_everywhere", SEQUENCE_PARALLEL.name, ASYNC_TP.name)
 
 
 def baseline(level: str) -> str:

@@ -21,6 +21,7 @@ from rangedispatch.bench.timing import time_us
 from rangedispatch.bench.units import AllReduceNorm
 from rangedispatch.config.schema import FusionConfig, RangeDispatchConfig, TierThresholds
 from rangedispatch.bench.models import TPMLPBlock
+from rangedispatch.fusion.tiers import ASYNC_TP, SEQUENCE_PARALLEL, sweep_variants
 from rangedispatch.wrapper import RangeCompiledModule
 
 EVERYWHERE = 1 << 40  # bytes: "always fuse"
@@ -57,9 +58,9 @@ def with_sequence_parallel(cfg: RangeDispatchConfig, world: int, max_num_tokens:
         sized.hardware, thresholds={**sized.hardware.thresholds, str(world): t}))
 
 
-OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_oneshot", "fused_twoshot", "symm_mem_oneshot",
-               "symm_mem_twoshot")
-CPU_OP_VARIANTS = ("nccl_eager_norm", "nccl_compiled_norm", "fused_reference")  # gloo: no GPU kernels
+# NCCL with its norm eager too, then what tune times: NCCL + compiled norm and each tier's variants
+OP_VARIANTS = ("nccl_eager_norm", *sweep_variants("op", cuda=True))
+CPU_OP_VARIANTS = ("nccl_eager_norm", *sweep_variants("op", cuda=False))  # gloo: no GPU kernels
 
 
 def op_level(cfg: RangeDispatchConfig, hidden: int, tokens: Iterable[int], fp8: bool, calls: int, replays: int,
@@ -177,8 +178,8 @@ def sequence_parallel_variants(model: torch.nn.Module, cfg: RangeDispatchConfig,
                                max_n: int) -> dict[str, RangeCompiledModule]:
     """The sequence-parallel tier at every size, without and with async TP on top (whose kernels need
     CUDA: elsewhere it runs through the process group, and says so)."""
-    return {"sequence_parallel": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
-            "async_tp": RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n, async_tp=True))}
+    return {SEQUENCE_PARALLEL.name: RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n)),
+            ASYNC_TP.name: RangeCompiledModule(model, with_sequence_parallel(cfg, world, max_n, async_tp=True))}
 
 
 def _time_block_variants(variants: dict[str, Callable], hidden: int, tokens: list[int], calls: int, replays: int,

@@ -32,14 +32,9 @@ from rangedispatch.cli.app import hydra_app
 from rangedispatch.config.checks import fail
 from rangedispatch.config.loader import PROFILE_PATH_ENV, config_dir
 from rangedispatch.errors import ConfigError
+from rangedispatch.fusion.tiers import sweep_variants
 from rangedispatch.tune.config import TuneConfig
 
-
-GPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_oneshot": "oneshot", "fused_twoshot": "twoshot",
-             "symm_mem_oneshot": "symm_oneshot", "symm_mem_twoshot": "symm_twoshot"}
-CPU_TIERS = {"nccl_compiled_norm": "nccl", "fused_reference": "reference"}
-# the 2-layer block's variants
-SP_TIERS = {"fusion_off": "block_nccl", "sequence_parallel": "block_sp", "async_tp": "block_async_tp"}
 SWEEP_FIELDS = ["repeat", "hidden", "fp8", "tokens", "bytes", "tier", "us"]
 
 
@@ -69,7 +64,7 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         # each rank its share of the cores: oversubscribed, every parallel kernel waits for a
         # descheduled thread (the CPU sweep ran 3x slower, its timings mostly that wait)
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    tiers = GPU_TIERS if cuda else CPU_TIERS
+    tiers, block_tiers = sweep_variants("op", cuda), sweep_variants("block", cuda)
     info = dict(card=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, flashinfer=_version("flashinfer-python"), world_size=world,
                 date=str(datetime.date.today()))
@@ -79,7 +74,7 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
         print("CPU: measuring the reference tier (gloo all-reduce + eager math in one op) against gloo + "
               "compiled norm; GPU tiers need CUDA", flush=True)
     total = tune.repeats * (len(tune.fp8) * sum(len(tune.tokens(h)) for h in tune.hidden) * len(tiers)
-                            + sum(len(tune.tokens(h, tune.sp_max_bytes)) for h in tune.hidden) * len(SP_TIERS))
+                            + sum(len(tune.tokens(h, tune.sp_max_bytes)) for h in tune.hidden) * len(block_tiers))
     step = _common.progress(total, rank, "tune")
     rows = []
 
@@ -104,7 +99,7 @@ def measure_rank(rank: int, world: int, cfg_yaml: str) -> dict:
                                                tune.replays, step, variants=list(tiers))])
             if tune.tokens(hidden, tune.sp_max_bytes):
                 keep([dict(repeat=repeat, hidden=hidden, fp8=False, tokens=r["tokens"],
-                           bytes=r["tokens"] * hidden * 2, tier=SP_TIERS[r["variant"]], us=r["us"])
+                           bytes=r["tokens"] * hidden * 2, tier=block_tiers[r["variant"]], us=r["us"])
                       for r in suites.sequence_parallel_level(sized, hidden, tune.tokens(hidden, tune.sp_max_bytes),
                                                               tune.calls_per_graph, tune.replays, step)])
     return dict(rows=rows, info=info, cuda=cuda)

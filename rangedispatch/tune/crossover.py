@@ -32,9 +32,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-FUSED_TIERS = ("oneshot", "twoshot", "reference")
-SYMM_TIERS = ("symm_oneshot", "symm_twoshot")
-SP_BASE, SP_TIER, ASYNC_TP_TIER = "block_nccl", "block_sp", "block_async_tp"
+from rangedispatch.fusion import tiers
+
+
+def _labels(tier: tiers.Tier) -> tuple[str, ...]:
+    """The sweep labels of a tier's variants, on GPUs and CPUs."""
+    return tuple(dict.fromkeys(label for cuda in (True, False) for _, label in tier.sweep.variants(cuda)))
+
+
+NCCL = tiers.NCCL_BASELINES["op"][1]
+FUSED_TIERS, SYMM_TIERS = _labels(tiers.FUSED), _labels(tiers.SYMM_MEM)
+SP_BASE = tiers.NCCL_BASELINES["block"][1]
+(SP_TIER,), (ASYNC_TP_TIER,) = _labels(tiers.SEQUENCE_PARALLEL), _labels(tiers.ASYNC_TP)
 MARGIN = 0.03  # more than the recorded H200 sweeps' repeats lay apart at 9 sizes in 10 (under 2%)
 RULE = (f"A tier takes a size from the tier it would replace only if it is faster there by more than "
         f"{MARGIN:.0%}, counted from its slowest repeat to the other's fastest (so a gap inside the spread "
@@ -151,14 +160,14 @@ def _oneshot_limit(c: Comparison) -> Optional[int]:
 
 
 def series_result(hidden: int, fp8: bool, points: Points) -> Optional[SeriesResult]:
-    fused = compare(points, FUSED_TIERS, ("nccl",))
+    fused = compare(points, FUSED_TIERS, (NCCL,))
     if not fused.sizes:
         return None
     end = fused.leading_end()
     fused_max = 0 if end is None else fused.sizes[end]
     twoshot = compare(points, ("twoshot",), ("oneshot",), [b for b in fused.sizes if b <= fused_max])
     out = SeriesResult(hidden, fp8, fused_max, _oneshot_limit(twoshot), comparisons=dict(fused=fused, twoshot=twoshot))
-    symm = compare(points, SYMM_TIERS, ("nccl",))
+    symm = compare(points, SYMM_TIERS, (NCCL,))
     above = [i for i, b in enumerate(symm.sizes) if b > fused_max]
     if above:
         run = symm.around(above[0])

@@ -8,10 +8,11 @@ import statistics
 
 from rangedispatch.cli._common import size_text
 from rangedispatch.config.schema import TierThresholds
+from rangedispatch.fusion.tiers import sweep_variants
 from rangedispatch.tune import crossover, profile
 from rangedispatch.tune.crossover import Comparison, SeriesResult, Thresholds
 
-BLOCK_TIERS = (crossover.SP_BASE, crossover.SP_TIER, crossover.ASYNC_TP_TIER)
+BLOCK_TIERS = tuple(sweep_variants("block", cuda=True).values())
 
 
 def sweep_text(rows: list[dict], info: dict) -> str:
