@@ -23,7 +23,8 @@ caches do); a call with any other such object runs without graphs (said once: a 
 reallocates its tensors every step). A graph is captured for exactly the call's size (a cache
 has a fixed batch). Every such call runs exactly once, as without graphs (a static cache also
 advances a position counter on the device): the first call of its kind runs without a graph, as
-the warm-up, and the next is captured and replayed. A new object in the same place (a new cache
+the warm-up (on the buffers the graph will read, so that nothing compiles during the capture), and
+the next is captured and replayed. A new object in the same place (a new cache
 for the next ``generate``) is captured again the same way.
 """
 
@@ -182,7 +183,7 @@ class CudaGraphRunner:
         self.sizes = sorted(sizes)
         self.run = run  # runs the model for a range, outside any graph
         self.captured: dict[tuple, CapturedCall] = {}  # (size, padded token-input shape) -> graph
-        self.warmed: dict[tuple, tuple] = {}  # key -> ids of the stateful arguments of its warm-up call
+        self.warmed: dict[tuple, tuple] = {}  # key -> (ids of its warm-up call's stateful arguments, its buffers)
         self.pool: Any = None
         self.said = False  # a call that cannot use a graph was reported
         _RUNNERS.add(self)
@@ -214,12 +215,15 @@ class CudaGraphRunner:
         if call is not None and call.inputs.new_state(leaves):
             call = None  # the old graph stays until its successor is captured: it keeps the memory pool alive
         if call is None:
+            self._needs_cuda(x)
             if stateful:  # this call is the warm-up; the next one of its kind is captured
                 state = tuple(map(id, stateful))
-                if self.warmed.get(key) != state:
-                    self.warmed[key] = state
-                    return self.MISMATCH
-            call = self.capture(r, s, n, d, x, args, kwargs, warm_runs=0 if stateful else 2)
+                warmed = self.warmed.get(key)
+                if warmed is None or warmed[0] != state:
+                    return self._warm_up(key, state, r, n, args, kwargs)
+                call = self.capture(r, s, warmed[1], warm_runs=0)
+            else:
+                call = self.capture(r, s, CapturedInputs(args, kwargs, d, n, s), warm_runs=2)
             self.captured[key] = call
         reason = call.inputs.mismatch(leaves, spec, n)
         if reason is not None:
@@ -262,14 +266,23 @@ class CudaGraphRunner:
             lambda t: t.narrow(d, 0, n) if d is not None and isinstance(t, torch.Tensor) and t.dim() > d
             and t.shape[d] == s else t, output)
 
-    def capture(self, r: Range, s: int, n: int, d: Optional[int], x: torch.Tensor, args: tuple,
-                kwargs: dict, warm_runs: int) -> CapturedCall:
-        """Capture size ``s`` after ``warm_runs`` runs of the call on its static buffers (compiles,
-        workspaces, NCCL set up outside the capture; 0 where the previous call of this kind warmed
-        up and running it again would update its state twice)."""
+    def _needs_cuda(self, x: torch.Tensor) -> None:
         if not x.is_cuda:
             raise ConfigError(f"dispatch.cudagraph_sizes={self.sizes} needs CUDA inputs; the token input is on {x.device}")
-        inputs = CapturedInputs(args, kwargs, d, n, s)
+
+    def _warm_up(self, key: tuple, state: tuple, r: Range, n: int, args: tuple, kwargs: dict) -> Any:
+        """Run a stateful call once, uncaptured, on the static buffers its graph will be captured
+        with (its exact size): whatever that run sets up (a Dynamo trace for the buffers' strides,
+        the range's compile, autotuning) then happens outside the capture, and the capture, which
+        cannot run the call again first, finds it done."""
+        inputs = CapturedInputs(args, kwargs, None, n, n)
+        self.warmed[key] = (state, inputs)
+        return self.run(r, *inputs.call_inputs())
+
+    def capture(self, r: Range, s: int, inputs: CapturedInputs, warm_runs: int) -> CapturedCall:
+        """Capture size ``s`` on ``inputs``' static buffers after ``warm_runs`` runs of the call on
+        them (compiles, workspaces, NCCL set up outside the capture; 0 after a stateful call's
+        warm-up on them, where running it again would update its state twice)."""
         s_args, s_kwargs = inputs.call_inputs()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -54,3 +54,35 @@ def test_dynamic_cache_runs_without_graphs_and_says_so(caplog):
         assert torch.equal(generate(model, ids), want)
     assert caplog.text.count("CUDA graph for 1 tokens not used") == 1
     assert "does not declare is_compileable=True" in caplog.text
+
+
+def test_a_fresh_wrapper_in_a_bare_decode_loop_traces_and_compiles_before_the_capture(caplog):
+    """A decode loop of one's own (no generate): the first decode call after the prefill makes
+    Dynamo trace anew (the static cache was initialized by the prefill); that call is the warm-up,
+    run on the buffers the graph is then captured with, so the capture compiles and tunes nothing
+    (a compile inside a capture fails in CUDA)."""
+    from transformers import StaticCache
+
+    from rangedispatch import RangeCompiledModule, load_config
+
+    model = causal_lm()
+    ids = torch.randint(3, 128, (1, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def decode_loop():
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        tokens = []
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(12, device="cuda"))
+            for i in range(6):
+                tok = ids[:, :1] if i < 2 else out.logits[:, -1:].argmax(-1)  # a strided view, then fresh tensors
+                out = model(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([12 + i], device="cuda"))
+                tokens.append(out.logits[:, -1:].argmax(-1).item())
+        return tokens
+
+    want = decode_loop()
+    model.model = RangeCompiledModule(model.model, load_config([*CFG[:-1], "dispatch.cudagraph_sizes=[1]"]))
+    with caplog.at_level(logging.INFO, logger="rangedispatch"):
+        assert decode_loop() == want
+    lines = [r.getMessage() for r in caplog.records]
+    captured = next(i for i, line in enumerate(lines) if line.startswith("captured CUDA graph for 1 tokens"))
+    assert not any(line.startswith(("traced graph", "compiled")) for line in lines[captured:])
