@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import sympy
 import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -76,6 +77,29 @@ class CallState(threading.local):
     graph_runs: int = 0  # RangeGraph calls so far: unchanged by a call means Dynamo ran it eagerly
 
 
+def _symbol_slots(values: Sequence[Any]) -> dict:
+    """Where a call shows each size symbol of a graph's inputs: ``symbol -> (input, kind, dim)``,
+    kind "int" (a SymInt input), "size" or "stride"."""
+    slots: dict = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.SymInt):
+            found = [("int", 0, v)]
+        elif isinstance(v, torch.Tensor):
+            found = [("size", d, s) for d, s in enumerate(v.shape)] + [("stride", d, s) for d, s in enumerate(v.stride())]
+        else:
+            continue
+        for kind, d, s in found:
+            expr = torch_internals.symint_expr(s) if isinstance(s, torch.SymInt) else None
+            if expr is not None and expr.is_Symbol:
+                slots.setdefault(expr, (i, kind, d))
+    return slots
+
+
+def _size_at(args: Sequence[Any], slot: tuple) -> int:
+    i, kind, d = slot
+    return args[i] if kind == "int" else args[i].shape[d] if kind == "size" else args[i].stride(d)
+
+
 def _free_symbols(values: Sequence[Any]) -> set:
     symbols = set()
     for v in values:
@@ -119,13 +143,14 @@ def _compile_fx(gm: torch.fx.GraphModule, inputs: list, symbolic: bool) -> Calla
 
 
 @contextlib.contextmanager
-def _range_size_hint(shape_env: Any, token_symbol: Any, r: Range) -> Iterator[list]:
+def _range_size_hint(shape_env: Any, token_symbol: Any, r: Range, since: int) -> Iterator[list]:
     """While a range compiles, the token count's size hint is the range's end. Inductor picks kernel
     launch configs (reductions, pointwise blocks) from hints, and the traced size (often 16 tokens,
     or 1) would tune a range of thousands of tokens for the wrong size. Yields the shape guards the
-    compile added that some size of the range breaks: the range's graph is called without re-checking
-    guards, so they are reported (a guard that holds for every size of the range, such as an
-    indexing bound ``8192*s0 <= 2**31-1``, is not)."""
+    compile relies on that some call of the range may break: Dynamo does not check them, so the
+    range's calls do (a guard that holds for every size of the range, such as an indexing bound
+    ``8192*s0 <= 2**31-1``, needs no check). ``since``: how many of the shape env's guards Dynamo
+    checks (those it had when the graph was traced)."""
     if shape_env is None:
         yield []
         return
@@ -133,13 +158,12 @@ def _range_size_hint(shape_env: Any, token_symbol: Any, r: Range) -> Iterator[li
     saved = {token_symbol: hints[token_symbol]} if token_symbol in hints else {}
     if token_symbol is not None:
         hints[token_symbol] = type(hints[token_symbol])(r.end) if token_symbol in hints else r.end
-    guards_before = len(torch_internals.shape_guards(shape_env))
     added: list = []
     try:
         yield added
     finally:
         hints.update(saved)
-        new = torch_internals.shape_guards(shape_env)[guards_before:]
+        new = torch_internals.shape_guards(shape_env)[since:]
         added += [g for g in new if token_symbol is None
                   or not torch_internals.holds_over(g, token_symbol, r.start, r.end)]
 
@@ -224,6 +248,12 @@ class RangeGraph:
         self.post_grad_graph: Optional[torch.fx.Graph] = None
         self.artifacts: dict[Range, Callable] = {}
         self.records: dict[Range, CompileRecord] = {}
+        # shape guards Dynamo checks: those of the trace; a range's compile may add more (below)
+        self.dynamo_guards = len(torch_internals.shape_guards(self.shape_env)) if self.shape_env is not None else 0
+        # per range: the guards its compile relies on that Dynamo does not check, checked per call
+        self.unchecked: dict[Range, list] = {}
+        self.slots = _symbol_slots(self.fakes)
+        self.said_broken: set[Range] = set()
 
     @property
     def is_symbolic(self) -> bool:
@@ -243,7 +273,25 @@ class RangeGraph:
             if r is None:  # the tracing call (or a call that bypassed the wrapper)
                 return self.gm(*args)
             fn = self.compile(r, args)
+        unchecked = self.unchecked.get(r)
+        if unchecked is not None and not self._unchecked_guards_hold(r, unchecked, args):
+            return self.gm(*args)
         return fn(*args)
+
+    def _unchecked_guards_hold(self, r: Range, guards: list, args: Sequence[Any]) -> bool:
+        """Whether this call's sizes meet the guards ``r``'s compile added; a call that breaks one
+        (or whose sizes cannot be read) runs the traced graph instead of the artifact, said once."""
+        values = {sym: sympy.Integer(_size_at(args, slot)) for sym, slot in self.slots.items()}
+        for guard in guards:
+            held = guard.xreplace(values)
+            if held.free_symbols or not bool(held):
+                if r not in self.said_broken:
+                    self.said_broken.add(r)
+                    log.warning("a call of graph %d in range %s does not meet %s, a shape guard its compile added: "
+                                "such calls run the traced graph without Inductor (said once per range)",
+                                self.index, r, guard)
+                return False
+        return True
 
     def runs_in(self, r: Range) -> bool:
         """Whether calls of range ``r`` can reach this graph (a graph static in the token count only
@@ -271,12 +319,13 @@ class RangeGraph:
                 inputs = self.fakes
             symbolic = inputs is self.fakes
             shape_env = self.shape_env if symbolic else None
-            with _range_size_hint(shape_env, self.token_symbol, r) as new_guards, \
+            with _range_size_hint(shape_env, self.token_symbol, r, self.dynamo_guards) as new_guards, \
                     torch.set_grad_enabled(self.grad_enabled):
                 fn, record = self.compiler.compile_graph(self, inputs, r, symbolic=symbolic)
             if new_guards:
-                log.warning("compiling graph %d for %s added shape guards that no call checks: %s", self.index, r,
-                            ", ".join(map(str, new_guards)))
+                self.unchecked[r] = new_guards
+                log.info("compiling graph %d for %s added shape guards Dynamo does not check: %s; each call of the "
+                         "range is checked against them", self.index, r, ", ".join(map(str, new_guards)))
             self.records[r] = record
             self.artifacts[r] = fn
             name = f"graph {self.index} " if len(self.compiler.graphs) > 1 else ""

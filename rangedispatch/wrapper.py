@@ -48,7 +48,8 @@ class RangeCompiledModule(nn.Module):
     ``passes`` adds graph passes to those the config enables (fusion). Hooks registered on the
     wrapped model or on the wrapper run as in eager, around the compiled call (hooks registered on
     submodules are traced with them, as ``torch.compile`` does: ones added after a trace go
-    unnoticed). Attributes the wrapper lacks are read from the wrapped model.
+    unnoticed). Attributes the wrapper lacks are read from the wrapped model. Its state dict is the
+    model's, keys unchanged: a model that holds a wrapper saves and loads as it would without it.
     """
 
     # ------------------------------------------------------------------ 1. construct
@@ -56,6 +57,8 @@ class RangeCompiledModule(nn.Module):
         super().__init__()
         logs.configure_from_env()
         self.module = model
+        self.register_state_dict_post_hook(_state_dict_of_the_model)
+        self.register_load_state_dict_pre_hook(_load_as_the_model)
         self.config: RangeDispatchConfig = to_schema(cfg) if cfg is not None else load_config()
         self.extra_passes: list[GraphPass] = list(passes)
         d = self.config.dispatch
@@ -428,6 +431,21 @@ class RangeCompiledModule(nn.Module):
 
 
 _said_outer_compile = False
+
+
+def _state_dict_of_the_model(wrapper: nn.Module, state_dict: dict, prefix: str, _metadata: Any) -> None:
+    """``module.`` leaves the wrapper's keys: a checkpoint saved through it (``save_pretrained`` of a
+    model whose ``model.model`` is a wrapper) loads into the plain model."""
+    inner = prefix + "module."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _load_as_the_model(wrapper: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """The other way: the model's keys load into the wrapper (keys that still name ``module.`` too)."""
+    inner = prefix + "module."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _say_inside_outer_compile(_context: Any) -> None:

@@ -262,3 +262,34 @@ def test_a_graph_traced_after_the_ranges_are_final_cannot_move_them_and_says_so(
     assert [r.getMessage() for r in caplog.records if "after the ranges became final" in r.getMessage()] == [
         "a graph traced after the ranges became final asks for split points [8]; ranges stay as they are "
         "(passes still only apply where they pay)"]
+
+
+class SliceAndPad(torch.nn.Module):
+    """Tokens [n, 16] and a second input whose length k slices and pads them: Inductor bounds k
+    while compiling a range (a shape guard Dynamo never sees)."""
+
+    def forward(self, x, y):
+        k = y.shape[0]
+        return (x[:, :k] * 2).sum(-1) + torch.nn.functional.pad(x, (0, k)).mean(-1)
+
+
+def test_a_call_that_breaks_a_shape_guard_added_by_its_range_compile_gets_eager_results(caplog):
+    """A range's artifact relies on every shape guard its compile added; Dynamo checks only the
+    trace's, so each call of such a range is checked, and one that breaks a guard runs the traced
+    graph (said once)."""
+    model = SliceAndPad()
+    m = RangeCompiledModule(model, load_config(["hardware=cpu", "dispatch.max_num_tokens=64", "dispatch.split_points=[8]"]))
+    with caplog.at_level(logging.INFO, logger="rangedispatch"):
+        for n, k in [(4, 3), (5, 6), (20, 7), (4, 16), (20, 30)]:
+            x, y = torch.randn(n, 16), torch.randn(k)
+            torch.testing.assert_close(m(x, y), model(x, y))
+        added = [(str(r), str(g)) for graph in m.graphs for r, guards in graph.unchecked.items() for g in guards]
+        breakable = [(r, g) for r, g in added if r == "[9,64]" and g.startswith("s") and "<=" in g]
+        if not breakable:
+            pytest.skip(f"this torch's Inductor bounds no padding width here (added: {added})")
+        assert "added shape guards Dynamo does not check" in caplog.text
+        bound = int(breakable[0][1].split("<=")[1])
+        for _ in range(2):
+            x, y = torch.randn(20, 16), torch.randn(bound + 100)
+            torch.testing.assert_close(m(x, y), model(x, y))
+    assert caplog.text.count("a shape guard its compile added: such calls run the traced graph") == 1

@@ -220,6 +220,23 @@ class WaitsForAnotherThread(nn.Module):
         return self.lin(x)
 
 
+def test_the_state_dict_is_the_wrapped_models_in_both_directions():
+    """A model holding a wrapper saves the keys it would save without it, and loads them (and keys
+    that name the wrapper's ``module.``) back, strictly."""
+    torch.manual_seed(0)
+    parent = nn.Sequential(nn.Linear(16, 16), Mlp())
+    plain = {k: v.clone() for k, v in parent.state_dict().items()}
+    parent[1] = wrap(parent[1])
+    parent[1](*xr(5))  # traced: the state dict does not change
+    saved = parent.state_dict()
+    assert list(saved) == list(plain) and all(torch.equal(saved[k], plain[k]) for k in plain)
+    other = nn.Sequential(nn.Linear(16, 16), wrap(Mlp()))
+    other.load_state_dict(plain)
+    assert all(torch.equal(other.state_dict()[k], plain[k]) for k in plain)
+    other.load_state_dict({k.replace("1.", "1.module.", 1) if k.startswith("1.") else k: v for k, v in plain.items()})
+    assert list(wrap(nn.Linear(4, 4)).state_dict()) == ["weight", "bias"]
+
+
 def test_a_forward_that_waits_for_another_threads_compile_does_not_deadlock():
     torch.manual_seed(0)
     inside, ready, waited = threading.Event(), threading.Event(), []

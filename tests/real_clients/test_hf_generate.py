@@ -136,3 +136,14 @@ def test_hf_tensor_parallel_tp_plan_auto_fuses_in_generate(tmp_path):
         threshold = 65536 // (64 * 4)  # the cpu profile's 64 KiB over fp32 rows of 64, as for parallelize_module
         assert res["ranges"] == ["[1,8]", "[9,32]", f"[33,{threshold}]", f"[{threshold + 1},1024]"]
         assert res["matches"]["[1,8]"] > 0 and res["matches"]["[9,32]"] > 0  # decode steps and the prefill fused
+
+
+def test_save_pretrained_through_the_wrapper_loads_into_the_plain_model(tmp_path):
+    """``save_pretrained`` of a model whose decoder is wrapped writes the plain model's checkpoint."""
+    model = causal_lm("llama")
+    model.model = RangeCompiledModule(model.model, load_config(CONFIG))
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    want = {k: v for k, v in model.state_dict().items()}
+    got = loaded.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
