@@ -20,9 +20,17 @@ Importing the package is cheap: torch and Hydra load when the names below are fi
 
 from typing import Any
 
+from rangedispatch.errors import (
+    ConfigError,
+    GradientsUnsupportedError,
+    NotTracedError,
+    OutOfRangeError,
+    RangeDispatchError,
+)
 from rangedispatch.ranges import Range
 
-__all__ = ["Range", "RangeCompiledModule", "load_config", "release_cuda_graphs"]
+__all__ = ["Range", "RangeCompiledModule", "load_config", "release_cuda_graphs", "RangeDispatchError", "ConfigError",
+           "OutOfRangeError", "NotTracedError", "GradientsUnsupportedError"]
 __version__ = "0.1.0"
 
 

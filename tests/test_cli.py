@@ -35,7 +35,7 @@ def test_bad_values_and_typos_print_one_line_and_exit_2():
 def test_overrides_that_do_not_parse_and_a_bad_log_level_exit_2():
     one_line_exit_2(cli("demo", "dispatch.split_points=[8"), "the override 'dispatch.split_points=[8' does not parse")
     one_line_exit_2(cli("bench", "fusion.enabled"), "the override 'fusion.enabled' does not parse: missing EQUAL")
-    one_line_exit_2(cli("demo", "hardware=tpu9"), "hardware='tpu9' is not a known hardware profile; available: b200, cpu")
+    one_line_exit_2(cli("demo", "hardware=tpu9"), "hardware='tpu9' is not a known hardware profile; available: auto (detect this machine's), b200, cpu")
     for tool in ("demo", "bench", "tune"):  # refused before any rank starts
         one_line_exit_2(cli(tool, RANGEDISPATCH_LOGS="loud"),
                         f"rangedispatch-{tool}: RANGEDISPATCH_LOGS='loud' is not a log level; allowed: debug, info, warning")

@@ -18,7 +18,10 @@ def test_defaults_and_overrides():
 
 @pytest.mark.parametrize("override, expected", [
     ("dispatch.split_points=[0,8]", "dispatch.split_points=[0, 8] is not allowed: element 0 is not an integer in [1, 8191]"),
-    ("dispatch.split_points=[8192]", "element 8192 is not an integer in [1, 8191]"),
+    ("dispatch.split_points=[8192]", "dispatch.split_points=[8192] is not allowed with dispatch.max_num_tokens=8192: "
+     "split points lie in [1, 8191]"),
+    ("dispatch.max_num_tokens=16", "dispatch.split_points=[8, 32] is not allowed with dispatch.max_num_tokens=16: split "
+     "points lie in [1, 15] (the default config sets some: override them too, e.g. dispatch.split_points=[])"),
     ("dispatch.split_points=[1.5]", "element 1.5 is not an integer"),
     ("dispatch.split_points=8", "dispatch.split_points=8 is not allowed; expected a list"),
     ("dispatch.compile_sizes=[0]", "dispatch.compile_sizes=[0] is not allowed: element 0 is not an integer in [1, 8192]"),
@@ -32,7 +35,8 @@ def test_defaults_and_overrides():
     ("dispatch.foo=1", "unknown key 'dispatch.foo'; allowed keys under dispatch: split_points"),
     ("+dispatch.foo=1", "unknown key 'dispatch.foo'"),
     ("foo=1", "unknown key 'foo'; allowed keys under the root: dispatch, compile, fusion, hardware"),
-    ("hardware=tpu9", "hardware='tpu9' is not a known hardware profile; available: b200, cpu, gpu_generic, h100, h200"),
+    ("hardware=tpu9", "hardware='tpu9' is not a known hardware profile; available: auto (detect this machine's), b200, cpu, "
+     "gpu_generic, h100, h200"),
     ("hardware=cpu hardware.thresholds.default.fused_max_bytes=-1", "hardware.thresholds.default.fused_max_bytes=-1 is not allowed"),
     ("hardware=cpu hardware.thresholds.default.symm_mem_max_bytes=1",
      "hardware.thresholds.default.symm_mem_max_bytes is not set in the selected config (it defaults to 0); to set "

@@ -293,3 +293,11 @@ def test_a_call_that_breaks_a_shape_guard_added_by_its_range_compile_gets_eager_
             x, y = torch.randn(20, 16), torch.randn(bound + 100)
             torch.testing.assert_close(m(x, y), model(x, y))
     assert caplog.text.count("a shape guard its compile added: such calls run the traced graph") == 1
+
+
+def test_the_errors_a_call_raises_are_importable_from_the_package():
+    import rangedispatch
+    from rangedispatch import errors
+
+    for name in ("RangeDispatchError", "ConfigError", "OutOfRangeError", "NotTracedError", "GradientsUnsupportedError"):
+        assert getattr(rangedispatch, name) is getattr(errors, name) and name in rangedispatch.__all__

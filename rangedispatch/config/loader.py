@@ -232,7 +232,8 @@ def config_error(e: Exception, config_dirs: Sequence[Union[str, Path]] = ()) -> 
 
 
 def _unknown_profile(name: str, config_dirs: Sequence[Union[str, Path]]) -> str:
-    return f"hardware={name!r} is not a known hardware profile; available: {', '.join(hardware_profiles(config_dirs))}"
+    return (f"hardware={name!r} is not a known hardware profile; available: auto (detect this machine's), "
+            f"{', '.join(hardware_profiles(config_dirs))}")
 
 
 def _unknown_key(full_key: str, parent_node: Any) -> str:

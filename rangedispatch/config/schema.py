@@ -20,6 +20,7 @@ from rangedispatch.config.checks import (
     is_int,
 )
 from rangedispatch.fusion.tiers import FUSED, TIERS
+from rangedispatch.errors import ConfigError
 
 OUT_OF_RANGE_MODES = ("error", "eager", "compile")
 MAX_AUTOTUNE_MODES = ("never", "single_sizes", "always")
@@ -78,6 +79,11 @@ class DispatchConfig:
     def __post_init__(self) -> None:
         k = self.SECTION
         self.max_num_tokens = check_int(f"{k}.max_num_tokens", self.max_num_tokens, lo=1)
+        if isinstance(self.split_points, (list, tuple)) and any(is_int(p) and p >= self.max_num_tokens
+                                                                for p in self.split_points):
+            raise ConfigError(f"{k}.split_points={list(self.split_points)!r} is not allowed with {k}.max_num_tokens="
+                              f"{self.max_num_tokens}: split points lie in [1, {self.max_num_tokens - 1}] (the default "
+                              f"config sets some: override them too, e.g. {k}.split_points=[])")
         self.split_points = check_int_list(f"{k}.split_points", self.split_points, 1, self.max_num_tokens - 1)
         self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, 1, self.max_num_tokens)
         token_args = self.token_arg if isinstance(self.token_arg, (list, tuple)) else [self.token_arg]
