@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import builtins
 import itertools
+import operator
 import threading
 import types
 import weakref
@@ -185,13 +186,17 @@ class CallSignature:
             if not value.is_contiguous():
                 return None
             kind, dtype, device, ndim, grad = type(value), value.dtype, value.device, value.dim(), value.requires_grad
-            static = tuple((d, s) for d, s in enumerate(value.shape) if s not in token_sizes)
-            tied = tuple((d, token_sizes[s]) for d, s in enumerate(value.shape) if s in token_sizes)
+            shape = value.shape
+            static = _sizes_at(tuple(d for d, s in enumerate(shape) if s not in token_sizes))
+            static_sizes = static(shape)
+            tied = _sizes_at(tuple(d for d, s in enumerate(shape) if s in token_sizes))
+            token = _sizes_at(tuple(token_sizes[s] for s in shape if s in token_sizes))
 
             def tensor_ok(t: Any, x: torch.Tensor) -> bool:
-                return (type(t) is kind and t.dtype is dtype and t.dim() == ndim and t.device == device
-                        and t.requires_grad is grad and all(t.shape[d] == s for d, s in static)
-                        and all(t.shape[d] == x.shape[xd] for d, xd in tied) and t.is_contiguous())
+                t_shape = t.shape
+                return (type(t) is kind and t.dtype is dtype and len(t_shape) == ndim and t.device == device
+                        and t.requires_grad is grad and static(t_shape) == static_sizes
+                        and tied(t_shape) == token(x.shape) and t.is_contiguous())
 
             return tensor_ok
         if type(value) in _SCALARS:
@@ -218,6 +223,11 @@ class CallSignature:
                 return len(set(ids)) == len(ids)
             return self._aliasing_of(ids) == self.aliasing
         return True
+
+
+def _sizes_at(dims: tuple) -> Callable[[torch.Size], Any]:
+    """The sizes at ``dims`` of a shape, by one C call (it runs on every guard-free call)."""
+    return operator.itemgetter(*dims) if dims else (lambda shape: ())
 
 
 def range_guards_hold(graph: Any, r: Any) -> bool:
