@@ -22,6 +22,15 @@ def warn_once(message: str) -> None:
         log.warning("%s", message)
 
 
+def _tag_rank(record: logging.LogRecord) -> bool:
+    """Under torch.distributed every rank logs: each line names its rank."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    record.rank = f" rank {dist.get_rank()}" if distributed else ""
+    return True
+
+
 def configure_from_env() -> None:
     """If ``RANGEDISPATCH_LOGS`` is set, log the library at that level to stderr. The value is
     checked on every call (a bad one is refused each time); the handler is added once per process."""
@@ -39,6 +48,7 @@ def configure_from_env() -> None:
     logger = logging.getLogger("rangedispatch")
     logger.setLevel(_LEVELS[value])
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[rangedispatch] %(message)s"))
+    handler.addFilter(_tag_rank)
+    handler.setFormatter(logging.Formatter("[rangedispatch%(rank)s] %(message)s"))
     logger.addHandler(handler)
     logger.propagate = False  # one line per message, whatever the root logger does

@@ -195,3 +195,7 @@ def test_a_bad_log_level_is_refused_on_every_construction(monkeypatch):
     for _ in range(2):
         with pytest.raises(ConfigError, match="RANGEDISPATCH_LOGS='loud' is not a log level; allowed: debug, info, warning"):
             RangeCompiledModule(torch.nn.Linear(4, 4), load_config(["hardware=cpu"]))
+
+
+def test_one_override_may_be_a_plain_string():
+    assert load_config("dispatch.max_num_tokens=64").dispatch.max_num_tokens == 64

@@ -55,3 +55,19 @@ def test_a_wrapper_on_one_rank_alone_makes_no_collective():
 
 def test_one_wrapper_per_pipeline_stage_waits_for_no_other_stage():
     assert spawn_ranks(_pipeline_stages, 2, backend="gloo", timeout=600) == [True, True]
+
+
+def _log_line(rank, world):
+    import logging
+
+    from rangedispatch import logs
+
+    record = logging.LogRecord("rangedispatch", logging.INFO, __file__, 0, "ranges: [1,8]", None, None)
+    logs._tag_rank(record)
+    return logging.Formatter("[rangedispatch%(rank)s] %(message)s").format(record)
+
+
+def test_log_lines_name_their_rank():
+    """Under RANGEDISPATCH_LOGS every rank logs; each line says which rank wrote it."""
+    assert spawn_ranks(_log_line, 2, backend="gloo", timeout=120) == [
+        "[rangedispatch rank 0] ranges: [1,8]", "[rangedispatch rank 1] ranges: [1,8]"]

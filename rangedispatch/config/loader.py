@@ -135,11 +135,13 @@ def _global_hydra_set_aside():
 
 
 def load_config(
-    overrides: Optional[Sequence[str]] = None, config_dirs: Sequence[Union[str, Path]] = ()
+    overrides: Optional[Union[str, Sequence[str]]] = None, config_dirs: Sequence[Union[str, Path]] = ()
 ) -> RangeDispatchConfig:
     """Compose ``conf/config.yaml`` with Hydra ``overrides`` (``["hardware=cpu",
     "dispatch.split_points=[8,32]"]``) and validate it. Raises ``ConfigError`` at load time, not when a
-    value is first read."""
+    value is first read. One override may be passed as a plain string."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
     return to_schema(compose_config(overrides or (), config_dirs), config_dirs)
 
 
