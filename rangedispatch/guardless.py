@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import builtins
 import itertools
-import operator
 import threading
 import types
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -147,87 +146,74 @@ class CallSignature:
     A tensor dim whose size equalled a token dim's at the traced call must equal that token dim
     on every call; the other dims must keep their traced size. (A static dim that happened to equal
     the token count at the traced call therefore sends other token counts to the guarded path:
-    slower, never wrong.)"""
+    slower, never wrong.)
+
+    ``accepts(x, args, kwargs, module)`` is generated as one flat function with every check
+    written out, as Dynamo compiles its guards: it runs on every call, next to a compiled graph
+    that leaves the interpreter's caches cold, and a loop over per-argument closures cost about
+    twice as much there."""
 
     def __init__(self, x: torch.Tensor, token_dims: tuple, args: tuple, kwargs: dict, module: torch.nn.Module):
         self.reason: Optional[str] = None
         token_sizes = {x.shape[d]: d for d in token_dims}
-        self.n_args = len(args)
-        self.keys = frozenset(kwargs)
-        self.checks: list[tuple[Any, Callable[[Any, torch.Tensor], bool]]] = []
-        self.tensor_slots: list[Any] = []  # where the tensor arguments are, for the aliasing check
-        for where, value in [*enumerate(args), *kwargs.items()]:
-            check = self._check_for(value, token_sizes)
-            if check is None:
+        names: dict[str, Any] = {"keys": frozenset(kwargs), "global_state_holds": torch_internals.global_state_guard().check,
+                                 "transforms_active": transforms_active, "module_type": type(module),
+                                 "aliasing_of": _aliasing_of}
+        body = [f"if len(args) != {len(args)} or kwargs.keys() != keys: return False",
+                "if not global_state_holds() or transforms_active(): return False",
+                f"if type(module) is not module_type or module.training is not {module.training}: return False"]
+        param = next(module.parameters(), None)
+        if param is not None:
+            names.update(param=param, param_dtype=param.dtype, param_device=param.device)
+            body.append("if param.dtype is not param_dtype or param.device != param_device: return False")
+        tensors = []
+        for i, (where, value) in enumerate([*enumerate(args), *kwargs.items()]):
+            read = f"args[{where}]" if type(where) is int else f"kwargs[{where!r}]"
+            checks = self._checks_for(value, f"v{i}", token_sizes, names)
+            if checks is None:
                 self.reason = f"argument {where!r} is a {type(value).__name__}, which the guard-free path cannot check"
                 return
-            self.checks.append((where, check))
+            body += [f"v{i} = {read}", *checks]
             if isinstance(value, torch.Tensor):
-                self.tensor_slots.append(where)
-        self.aliasing = self._aliasing_of([id(args[w] if type(w) is int else kwargs[w]) for w in self.tensor_slots])
-        self.distinct = len(set(self.aliasing)) == len(self.aliasing)
-        self.global_state_holds = torch_internals.global_state_guard().check
+                tensors.append((i, id(value)))
+        if len(tensors) > 1:  # which tensor arguments are the same object
+            ids = "(" + "".join(f"id(v{i}), " for i, _ in tensors) + ")"
+            aliasing = _aliasing_of([ident for _, ident in tensors])
+            if len(set(aliasing)) == len(aliasing):
+                body.append(f"if len(set({ids})) != {len(tensors)}: return False")
+            else:
+                body.append(f"if aliasing_of({ids}) != {aliasing!r}: return False")
         if torch_internals.transforms_active():
             self.reason = "the traced call ran under a functorch transform or a torch-function / dispatch mode"
-        self.module_type = type(module)
-        self.training = module.training
-        param = next(module.parameters(), None)
-        self.param = param
-        self.param_key = (param.dtype, param.device) if param is not None else None
+        source = "def accepts(x, args, kwargs, module):\n    xs = x.shape\n" + "".join(
+            f"    {line}\n" for line in [*body, "return True"])
+        exec(compile(source, "<rangedispatch guard-free checks>", "exec"), names)
+        self.accepts: Callable[[torch.Tensor, tuple, dict, torch.nn.Module], bool] = names["accepts"]
+        self.source = source  # for reading what is checked
 
     @staticmethod
-    def _aliasing_of(ids: list) -> tuple:
-        """Per tensor argument (by ``id``), the index of the first argument that is the same object."""
-        first: dict[int, int] = {}
-        return tuple(first.setdefault(i, n) for n, i in enumerate(ids))
-
-    def _check_for(self, value: Any, token_sizes: dict) -> Optional[Callable[[Any, torch.Tensor], bool]]:
+    def _checks_for(value: Any, v: str, token_sizes: dict, names: dict) -> Optional[list[str]]:
+        """The lines checking argument ``value`` (read into local ``v``); None if it cannot be checked."""
         if isinstance(value, torch.Tensor):
             if not value.is_contiguous():
                 return None
-            kind, dtype, device, ndim, grad = type(value), value.dtype, value.device, value.dim(), value.requires_grad
-            shape = value.shape
-            static = _sizes_at(tuple(d for d, s in enumerate(shape) if s not in token_sizes))
-            static_sizes = static(shape)
-            tied = _sizes_at(tuple(d for d, s in enumerate(shape) if s in token_sizes))
-            token = _sizes_at(tuple(token_sizes[s] for s in shape if s in token_sizes))
-
-            def tensor_ok(t: Any, x: torch.Tensor) -> bool:
-                t_shape = t.shape
-                return (type(t) is kind and t.dtype is dtype and len(t_shape) == ndim and t.device == device
-                        and t.requires_grad is grad and static(t_shape) == static_sizes
-                        and tied(t_shape) == token(x.shape) and t.is_contiguous())
-
-            return tensor_ok
+            names.update({f"{v}_type": type(value), f"{v}_dtype": value.dtype, f"{v}_device": value.device})
+            sizes = [f"{v}_shape[{d}] != " + (f"xs[{token_sizes[s]}]" if s in token_sizes else str(s))
+                     for d, s in enumerate(value.shape)]
+            return [f"if type({v}) is not {v}_type or {v}.dtype is not {v}_dtype or {v}.device != {v}_device "
+                    f"or {v}.requires_grad is not {value.requires_grad} or not {v}.is_contiguous(): return False",
+                    f"{v}_shape = {v}.shape",
+                    f"if len({v}_shape) != {value.dim()}" + "".join(f" or {c}" for c in sizes) + ": return False"]
         if type(value) in _SCALARS:
-            kind = type(value)
-            return lambda v, x: type(v) is kind and v == value
+            names.update({f"{v}_type": type(value), f"{v}_value": value})
+            return [f"if type({v}) is not {v}_type or {v} != {v}_value: return False"]
         return None
 
-    def accepts(self, x: torch.Tensor, args: tuple, kwargs: dict, module: torch.nn.Module) -> bool:
-        if len(args) != self.n_args or kwargs.keys() != self.keys:
-            return False
-        if not self.global_state_holds() or transforms_active():
-            return False
-        if type(module) is not self.module_type or module.training is not self.training:
-            return False
-        param = self.param
-        if param is not None and (param.dtype, param.device) != self.param_key:
-            return False
-        for where, check in self.checks:
-            if not check(args[where] if type(where) is int else kwargs[where], x):
-                return False
-        if len(self.aliasing) > 1:
-            ids = [id(args[w] if type(w) is int else kwargs[w]) for w in self.tensor_slots]
-            if self.distinct:
-                return len(set(ids)) == len(ids)
-            return self._aliasing_of(ids) == self.aliasing
-        return True
 
-
-def _sizes_at(dims: tuple) -> Callable[[torch.Size], Any]:
-    """The sizes at ``dims`` of a shape, by one C call (it runs on every guard-free call)."""
-    return operator.itemgetter(*dims) if dims else (lambda shape: ())
+def _aliasing_of(ids: Sequence[int]) -> tuple:
+    """Per tensor argument (by ``id``), the index of the first argument that is the same object."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(i, n) for n, i in enumerate(ids))
 
 
 def range_guards_hold(graph: Any, r: Any) -> bool:
