@@ -12,8 +12,9 @@ vLLM, we can keep the bytecode Dynamo wrote for the entry (it flattens the input
 rebuilds the outputs) and call it as a plain function, bound per range to that range's artifact.
 ``CallSignature`` stands in for the guards Dynamo installed, kind by kind:
 
-- global state: Dynamo's own ``GlobalStateGuard`` (grad mode, autocast, default dtype,
-  deterministic algorithms...), plus no functorch transform, torch-function or dispatch mode;
+- global state: Dynamo's own ``GlobalStateGuard`` (grad mode, autocast, deterministic
+  algorithms...), the default dtype (which that guard covers only on newer torch), plus no
+  functorch transform, torch-function or dispatch mode;
 - each argument: its exact type; for tensors dtype, device, rank, sizes (token dims tied to the
   token input), strides (contiguous), ``requires_grad``; for None/bool/int/float/str the value;
   which tensor arguments are the same object;
@@ -158,9 +159,12 @@ class CallSignature:
         token_sizes = {x.shape[d]: d for d in token_dims}
         names: dict[str, Any] = {"keys": frozenset(kwargs), "global_state_holds": torch_internals.global_state_guard().check,
                                  "transforms_active": transforms_active, "module_type": type(module),
-                                 "aliasing_of": _aliasing_of}
+                                 "aliasing_of": _aliasing_of, "get_default_dtype": torch.get_default_dtype,
+                                 "default_dtype": torch.get_default_dtype()}
         body = [f"if len(args) != {len(args)} or kwargs.keys() != keys: return False",
-                "if not global_state_holds() or transforms_active(): return False",
+                # the default dtype too: Dynamo's global-state guard does not cover it on torch 2.11
+                "if not global_state_holds() or transforms_active() or get_default_dtype() is not default_dtype: "
+                "return False",
                 f"if type(module) is not module_type or module.training is not {module.training}: return False"]
         param = next(module.parameters(), None)
         if param is not None:
