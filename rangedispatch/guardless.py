@@ -13,7 +13,7 @@ rebuilds the outputs) and call it as a plain function, bound per range to that r
 ``CallSignature`` stands in for the guards Dynamo installed, kind by kind:
 
 - global state: Dynamo's own ``GlobalStateGuard`` (grad mode, autocast, deterministic
-  algorithms...), the default dtype (which that guard covers only on newer torch), plus no
+  algorithms...), the default dtype (which Dynamo misses on torch 2.11), plus no
   functorch transform, torch-function or dispatch mode;
 - each argument: its exact type; for tensors dtype, device, rank, sizes (token dims tied to the
   token input), strides (contiguous), ``requires_grad``; for None/bool/int/float/str the value;
@@ -162,7 +162,7 @@ class CallSignature:
                                  "aliasing_of": _aliasing_of, "get_default_dtype": torch.get_default_dtype,
                                  "default_dtype": torch.get_default_dtype()}
         body = [f"if len(args) != {len(args)} or kwargs.keys() != keys: return False",
-                # the default dtype too: Dynamo's global-state guard does not cover it on torch 2.11
+                # the default dtype too: Dynamo's guards miss it on torch 2.11 (the guarded path then decides)
                 "if not global_state_holds() or transforms_active() or get_default_dtype() is not default_dtype: "
                 "return False",
                 f"if type(module) is not module_type or module.training is not {module.training}: return False"]
