@@ -161,7 +161,7 @@ class CallSignature:
                                  "transforms_active": transforms_active, "module_type": type(module),
                                  "aliasing_of": _aliasing_of, "get_default_dtype": torch.get_default_dtype,
                                  "default_dtype": torch.get_default_dtype()}
-        body = [f"if len(args) != {len(args)} or kwargs.keys() != keys: return False",
+        body = [f"if len(args) != {len(args)} or " + ("kwargs.keys() != keys" if kwargs else "kwargs") + ": return False",
                 # the default dtype too: Dynamo's guards miss it on torch 2.11 (the guarded path then decides)
                 "if not global_state_holds() or transforms_active() or get_default_dtype() is not default_dtype: "
                 "return False",

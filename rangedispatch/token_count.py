@@ -45,7 +45,7 @@ class TokenCounter:
         self.explicit_dims: Optional[list[int]] = None if token_dims == "auto" else list(token_dims)
         params = _positional_params(forward)
         self.slots = [self._slot(forward, params, a) for a in (token_arg if isinstance(token_arg, list) else [token_arg])]
-        self._dims: dict[tuple[int, bool], tuple[int, ...]] = {}  # (rank, floating) -> token dims
+        self._dims: dict[tuple[int, torch.dtype], tuple[int, ...]] = {}  # (rank, dtype) -> token dims
 
     @staticmethod
     def _slot(forward: Callable, params: list[str], arg: TokenArg) -> _Slot:
@@ -82,10 +82,10 @@ class TokenCounter:
                 break
         if not isinstance(x, torch.Tensor):
             x = self.token_input(args, kwargs)  # raises the clear error
-        dims = self._dims.get((x.dim(), x.is_floating_point()))
+        shape = x.shape
+        dims = self._dims.get((len(shape), x.dtype))
         if dims is None:
             dims = self._resolve(x)
-        shape = x.shape
         if len(dims) == 1:
             return x, shape[dims[0]], dims
         return x, math.prod(shape[d] for d in dims), dims
@@ -113,7 +113,7 @@ class TokenCounter:
                                       f"{tuple(x.shape)}; allowed dims: {-x.dim()}..{x.dim() - 1}")
             dims = [d % x.dim() for d in self.explicit_dims]
         resolved = tuple(dims)
-        self._dims[(x.dim(), x.is_floating_point())] = resolved
+        self._dims[(x.dim(), x.dtype)] = resolved
         return resolved
 
 

@@ -237,7 +237,7 @@ class RangeCompiledModule(nn.Module):
                     if out is not mismatch:
                         calls[r] += 1
                         return out
-            if guard_free is not None and min(x.shape[i] for i in dims) >= 2:
+            if guard_free is not None and (n >= 2 if len(dims) == 1 else min(x.shape[i] for i in dims) >= 2):
                 out = guard_free.run(r, x, model, args, kwargs)
                 if out is mismatch:
                     out = self._run_and_learn_guard_free(r, x, dims, args, kwargs)
