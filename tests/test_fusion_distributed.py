@@ -13,9 +13,6 @@ import torch
 from rangedispatch.cli.launch import spawn_ranks
 from rangedispatch.errors import GradientsUnsupportedError
 
-# one test worker runs this file (pytest -n 2 --dist loadgroup): its module fixture runs once
-pytestmark = pytest.mark.xdist_group("test_fusion_distributed")
-
 HIDDEN = 64
 CASES = [(form, residual, fp8, "bfloat16") for form in ("llama", "functional", "module", "gemma")
          for residual in (True, False) for fp8 in (False, True)]

@@ -11,9 +11,6 @@ import torch
 
 from rangedispatch.cli.launch import spawn_ranks
 
-# one test worker runs this file (pytest -n 2 --dist loadgroup): its module fixture runs once
-pytestmark = pytest.mark.xdist_group("test_sequence_parallel")
-
 HIDDEN = 64  # bf16: 128 bytes per token; the cpu profile fuses up to 64 KiB = 512 tokens
 SP = ["hardware=cpu", "dispatch.max_num_tokens=4096", "dispatch.split_points=[8]",
       "+hardware.thresholds.default.sp_min_bytes=65536"]

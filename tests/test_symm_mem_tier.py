@@ -11,9 +11,6 @@ import torch
 
 from rangedispatch.cli.launch import spawn_ranks
 
-# one test worker runs this file (pytest -n 2 --dist loadgroup): its module fixture runs once
-pytestmark = pytest.mark.xdist_group("test_symm_mem_tier")
-
 HIDDEN = 64  # bf16: 128 bytes per token
 TIERS = ["hardware=cpu", "dispatch.max_num_tokens=4096", "dispatch.split_points=[8]",
          "+hardware.thresholds.default.symm_mem_max_bytes=262144"]  # fused to 512 tokens, symm-mem to 2048

@@ -24,9 +24,6 @@ import torch.distributed as dist
 
 from rangedispatch import torch_internals
 
-# one test worker runs this file (pytest -n 2 --dist loadgroup): its module fixture runs once
-pytestmark = pytest.mark.xdist_group("test_torch_internals")
-
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "rangedispatch"
 TOOLS = ("cli", "bench", "tune")  # not imported by the library: they may reach into torch themselves

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-# one test worker runs this file (pytest -n 2 --dist loadgroup): its module fixture runs once
-pytestmark = pytest.mark.xdist_group("test_wheel")
-
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the CPU build, as .ci/run installs it
 PROFILES = sorted(p.stem for p in (ROOT / "conf" / "hardware").glob("*.yaml"))

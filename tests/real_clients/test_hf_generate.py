@@ -10,9 +10,6 @@ import torch
 
 from rangedispatch import RangeCompiledModule, load_config
 
-# one test worker runs this file (pytest -n 2 --dist loadgroup): its module fixture runs once
-pytestmark = pytest.mark.xdist_group("test_hf_generate")
-
 transformers = pytest.importorskip("transformers")
 
 PROMPT, NEW_TOKENS = 12, 6

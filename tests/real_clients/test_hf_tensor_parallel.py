@@ -10,9 +10,6 @@ import torch
 
 from rangedispatch.cli.launch import spawn_ranks
 
-# one test worker runs this file (pytest -n 2 --dist loadgroup): its module fixture runs once
-pytestmark = pytest.mark.xdist_group("test_hf_tensor_parallel")
-
 pytest.importorskip("transformers")
 
 HIDDEN = 64
