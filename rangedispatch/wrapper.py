@@ -92,7 +92,7 @@ class RangeCompiledModule(nn.Module):
         dynamic_dims.install()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # an outer torch.compile traces this call
+        if _traced_by_an_outer_compile():
             torch_internals.at_trace_time(_say_inside_outer_compile)
             return self._model(*args, **kwargs)
         for hooks in self._hook_dicts:
@@ -105,7 +105,7 @@ class RangeCompiledModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The dispatch, with the wrapped model's hooks (and the process-wide ones) run around it."""
-        if torch.compiler.is_compiling():  # an outer compile (or an outer wrapper) traces this call
+        if _traced_by_an_outer_compile():  # an outer compile (or an outer wrapper)
             torch_internals.at_trace_time(_say_inside_outer_compile)
             return self._model(*args, **kwargs)
         if any(self._hook_dicts[4:]):
@@ -431,6 +431,13 @@ class RangeCompiledModule(nn.Module):
 
 
 _said_outer_compile = False
+
+
+def _traced_by_an_outer_compile() -> bool:
+    """Dynamo (torch.compile, an outer wrapper, strict export) traces this call, or torch.export runs
+    it. Not ``torch.compiler.is_compiling()``: torch 2.13 sets that flag for the whole process while
+    any thread compiles, and calls from other threads would silently run the model eagerly."""
+    return torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
 
 
 def _state_dict_of_the_model(wrapper: nn.Module, state_dict: dict, prefix: str, _metadata: Any) -> None:

@@ -288,6 +288,36 @@ def test_concurrent_calls_of_one_wrapper_return_eager_results():
     assert not errors
 
 
+def test_calls_made_while_another_thread_compiles_still_run_their_range():
+    """torch 2.13 marks the whole process as compiling while any thread compiles: a call made
+    meanwhile from another thread must still dispatch to its range's graph, not run eagerly."""
+    torch.manual_seed(0)
+    model = Mlp()
+    m = wrap(model)
+    x = xr(12)
+    same(m, model, *x)
+    same(m, model, *x)  # the range is compiled
+    entered, release = threading.Event(), threading.Event()
+
+    def held_backend(gm, example_inputs):
+        entered.set()
+        release.wait(timeout=120)
+        return gm.forward
+
+    unrelated = torch.compile(lambda a: a.sin() + 1, backend=held_backend)
+    other = threading.Thread(target=unrelated, args=(torch.randn(3),))
+    other.start()
+    try:
+        assert entered.wait(timeout=120)
+        before = m.stats()[m.range_for(12)]["calls"]
+        for _ in range(3):
+            same(m, model, *x)
+        assert m.stats()[m.range_for(12)]["calls"] == before + 3
+    finally:
+        release.set()
+        other.join()
+
+
 # ---------------------------------------------------------------------------------------- stateful arguments
 class Cache:
     """A toy KV cache: the model appends to it on every call."""

@@ -155,7 +155,7 @@ ABOUT = """rangedispatch-bench: op-level, model-level and HF-model sweeps on 2+ 
 a table, results.csv and results.png under bench.out_dir.
 
 Main keys (every key, its meaning and default: docs/configuration.md in the rangedispatch repository):
-  hardware=auto|h100|h200   bench.levels=[op,model,hf]   bench.world_size=2   bench.smoke=true (CPU)
+  hardware=auto|h100|h200|b200|gpu_generic|<your profile>   bench.levels=[op,model,hf]   bench.world_size=2   bench.smoke=true (CPU)
   bench.model_shapes=[[8192,28672]]   bench.hf_tp=[handwritten,dtensor]   bench.out_dir=bench-results
 
 Examples:
