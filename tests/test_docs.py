@@ -23,7 +23,7 @@ FRESH_MACHINE = [
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '.[test]' "
     "&& python -m rangedispatch.cli.demo",
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '.[test]' "
-    "&& python -m pytest -q -n 2 --dist loadfile",
+    "&& python -m pytest -q",
 ]
 
 
