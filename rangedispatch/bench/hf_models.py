@@ -34,11 +34,12 @@ ROW = ("self_attn.o_proj", "mlp.down_proj")
 
 def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: int = 4, kv_heads: int = 2,
           vocab: int = 128, dtype: torch.dtype = torch.float32, device: str = "cpu",
-          attention: str = "hf_default", lm_head_scale: float = 0.0) -> nn.Module:
+          attention: str = "hf_default", lm_head_scale: float = 0.0, head_dim: int = 0) -> nn.Module:
     """A ``<Family>Model`` (the decoder stack, no LM head) with seed-0 random weights, its attention
     one of ``ATTENTIONS``. ``lm_head_scale`` > 0: a ``<Family>ForCausalLM`` instead (for
     ``generate``), its LM head scaled by that factor: random weights give near-tied logits, and
-    greedy tokens would flip between numerically different but correct paths."""
+    greedy tokens would flip between numerically different but correct paths. ``head_dim`` 0:
+    ``hidden // heads``; another value gives one rank's shapes of a tensor-parallel model."""
     import transformers
 
     if attention == "sdpa_is_causal":
@@ -49,7 +50,7 @@ def build(family: str, hidden: int, intermediate: int, layers: int = 2, heads: i
     config_cls = getattr(transformers, f"{name}Config")
     model_cls = getattr(transformers, f"{name}ForCausalLM" if lm_head_scale else f"{name}Model")
     config = config_cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads,
                         vocab_size=vocab, max_position_embeddings=32768, pad_token_id=0)
     if attention == "sdpa_is_causal" and getattr(config, "sliding_window", None):
         raise ValueError(f"attention=sdpa_is_causal: {family} has sliding-window layers "
