@@ -70,6 +70,19 @@ def test_hardware_profile_compile_sizes_join_the_ranges():
     assert m.range_for(1) == Range(1, 1) and stats[Range(1, 1)]["calls"] == 1 and stats[Range(1, 1)]["compiled"]
 
 
+def test_sizes_that_replay_cuda_graphs_take_the_profiles_cuda_graph_list():
+    def sizes(*overrides):
+        return load_config(["hardware=h200", *overrides]).compile_sizes
+
+    # the h200 profile: a 1-token graph without CUDA graphs, none for a 1-token CUDA graph
+    assert sizes() == [1] and sizes("dispatch.cudagraph_sizes=[1,2,4]") == []
+    assert sizes("dispatch.cudagraph_sizes=[2,4]") == [1]
+    assert sizes("hardware.compile_sizes_with_cudagraphs=null", "dispatch.cudagraph_sizes=[1]") == [1]
+    assert sizes("hardware.compile_sizes_with_cudagraphs=[4]", "dispatch.cudagraph_sizes=[1,4]",
+                 "dispatch.compile_sizes=[1]") == [1, 4]  # the user's own sizes stay
+    assert load_config(["hardware=cpu"]).hardware.compile_sizes_with_cudagraphs is None
+
+
 def test_max_autotune_takes_torch_compile_mode_options_where_it_applies():
     from rangedispatch.graph_cache import CompilePolicy
 

@@ -8,7 +8,7 @@ Either way ``__post_init__`` checks every value and raises ``ConfigError`` with 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Union
+from typing import ClassVar, Optional, Union
 
 from rangedispatch.config.checks import (
     check_bool,
@@ -241,6 +241,9 @@ class HardwareConfig:
     # decoding, where coordinate-descent tuning turns each 1-row matmul into a tuned reduction).
     # Added to dispatch.compile_sizes; those above dispatch.max_num_tokens are not used.
     compile_sizes: list[int] = field(default_factory=list)
+    # The same for token counts that replay CUDA graphs (dispatch.cudagraph_sizes), measured with
+    # graphs: the host's launch costs are gone there, so another graph may win. null: compile_sizes.
+    compile_sizes_with_cudagraphs: Optional[list[int]] = None
     # The decode ranges: ranges ending at or below this many tokens get the skinny-GEMM pass
     # (compile.skinny_gemm); this count and each power of two from 16 below it (16, 32, 64, ...)
     # become split points. 0: no such ranges.
@@ -276,6 +279,9 @@ class HardwareConfig:
             normalized[ws] = t
         self.thresholds = normalized
         self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, lo=1)
+        if self.compile_sizes_with_cudagraphs is not None:
+            self.compile_sizes_with_cudagraphs = check_int_list(
+                f"{k}.compile_sizes_with_cudagraphs", self.compile_sizes_with_cudagraphs, lo=1)
 
     def thresholds_for(self, world_size: int) -> TierThresholds:
         """The thresholds for ``world_size``; a profile without that size nor a default never fuses."""
@@ -317,6 +323,10 @@ class RangeDispatchConfig:
 
     @property
     def compile_sizes(self) -> list[int]:
-        """The single-size graphs: dispatch.compile_sizes and the hardware profile's (up to max_num_tokens)."""
-        profile = [n for n in self.hardware.compile_sizes if n <= self.dispatch.max_num_tokens]
-        return sorted({*self.dispatch.compile_sizes, *profile})
+        """The single-size graphs: dispatch.compile_sizes and the hardware profile's (up to
+        max_num_tokens), the profile's CUDA-graph list for the sizes in dispatch.cudagraph_sizes."""
+        h, d = self.hardware, self.dispatch
+        with_graphs = h.compile_sizes if h.compile_sizes_with_cudagraphs is None else h.compile_sizes_with_cudagraphs
+        profile = [n for n in h.compile_sizes if n not in d.cudagraph_sizes]
+        profile += [n for n in with_graphs if n in d.cudagraph_sizes]
+        return sorted({*d.compile_sizes, *(n for n in profile if n <= d.max_num_tokens)})

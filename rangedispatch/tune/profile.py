@@ -29,6 +29,9 @@ def render(name: str, fused_backend: str, world_size: int, measured: TierThresho
         lines.append(f"device_name: {device_name!r}")
     if base.compile_sizes:
         lines.append(f"compile_sizes: {base.compile_sizes}  # kept from profile {base.name!r} (tune does not measure them)")
+    if base.compile_sizes_with_cudagraphs is not None:
+        lines.append(f"compile_sizes_with_cudagraphs: {base.compile_sizes_with_cudagraphs}  # kept from profile "
+                     f"{base.name!r} (tune does not measure them)")
     if base.skinny_gemm_max_tokens:
         lines.append(f"skinny_gemm_max_tokens: {base.skinny_gemm_max_tokens}  # kept from profile {base.name!r} "
                      "(tune does not measure it)")
