@@ -215,7 +215,7 @@ class CudaGraphRunner:
         if call is not None and call.inputs.new_state(leaves):
             call = None  # the old graph stays until its successor is captured: it keeps the memory pool alive
         if call is None:
-            self._needs_cuda(x)
+            self.check_device(x)
             if stateful:  # this call is the warm-up; the next one of its kind is captured
                 state = tuple(map(id, stateful))
                 warmed = self.warmed.get(key)
@@ -266,7 +266,9 @@ class CudaGraphRunner:
             lambda t: t.narrow(d, 0, n) if d is not None and isinstance(t, torch.Tensor) and t.dim() > d
             and t.shape[d] == s else t, output)
 
-    def _needs_cuda(self, x: torch.Tensor) -> None:
+    def check_device(self, x: torch.Tensor) -> None:
+        """Refuse a token input that is not on a CUDA device: the wrapper asks on its first call,
+        before anything is traced, so a CPU model with CUDA graphs configured fails at once."""
         if not x.is_cuda:
             raise ConfigError(f"dispatch.cudagraph_sizes={self.sizes} needs CUDA inputs; the token input is on {x.device}")
 

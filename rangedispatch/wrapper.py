@@ -137,6 +137,8 @@ class RangeCompiledModule(nn.Module):
             if self._dispatch is not None:  # another thread traced first
                 return self._dispatch(args, kwargs)
             x, n, dims = self._counter.read(args, kwargs)
+            if self._cudagraphs is not None:
+                self._cudagraphs.check_device(x)
             d = self.config.dispatch
             if n < 1 or (n > d.max_num_tokens and d.out_of_range != "compile"):
                 return self._out_of_range(n, args, kwargs)  # nothing is traced from an empty call

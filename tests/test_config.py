@@ -46,6 +46,8 @@ def test_defaults_and_overrides():
     ("fusion.symm_mem=maybe", "fusion.symm_mem='maybe' is not allowed; expected true or false"),
     ("hardware=h200 hardware.compile_sizes_with_cudagraphs=[0]",
      "hardware.compile_sizes_with_cudagraphs=[0] is not allowed: element 0 is not an integer >= 1"),
+    ("hardware=h200 hardware.compile_sizes_with_cudagraphs=abc",
+     "hardware.compile_sizes_with_cudagraphs='abc' is not allowed; expected null or a list of integers >= 1"),
 ])
 def test_bad_input_names_key_value_and_allowed(override, expected):
     with pytest.raises(ConfigError) as e:

@@ -1,4 +1,5 @@
-"""``rangedispatch-bench``: op-level and model-level sweeps on 2+ GPUs, with a table, CSV and PNG.
+"""``rangedispatch-bench``: op-level, model-level and HF-model sweeps on 2+ GPUs, and HF ``generate``
+on 1 or more, with a table, CSV and PNG.
 
     rangedispatch-bench hardware=h100                      # spawns bench.world_size ranks
     torchrun --nproc-per-node 2 -m rangedispatch.cli.bench hardware=h100
@@ -151,16 +152,18 @@ def main(cfg: DictConfig) -> None:
     print(f"wrote {out}/results.csv, table.md, run.json" + (f"; {why}" if why else ", results.png"))
 
 
-ABOUT = """rangedispatch-bench: op-level, model-level and HF-model sweeps on 2+ CUDA GPUs (NCCL, FlashInfer):
+ABOUT = """rangedispatch-bench: op-level, model-level and HF-model sweeps on 2+ CUDA GPUs (NCCL, FlashInfer),
+and HF generate (time to first token, per output token, tokens/s) on 1 or more:
 a table, results.csv and results.png under bench.out_dir.
 
 Main keys (every key, its meaning and default: docs/configuration.md in the rangedispatch repository):
-  hardware=auto|h100|h200|b200|gpu_generic|<your profile>   bench.levels=[op,model,hf]   bench.world_size=2   bench.smoke=true (CPU)
+  hardware=auto|h100|h200|b200|gpu_generic|<your profile>   bench.levels=[op,model,hf,generate]   bench.world_size=2   bench.smoke=true (CPU)
   bench.model_shapes=[[8192,28672]]   bench.hf_tp=[handwritten,dtensor]   bench.out_dir=bench-results
 
 Examples:
   rangedispatch-bench hardware=h100 'bench.levels=[op]'
   torchrun --nproc-per-node 4 -m rangedispatch.cli.bench 'bench.levels=[model,hf]'
+  rangedispatch-bench 'bench.levels=[generate]' bench.world_size=1
   rangedispatch-bench bench.smoke=true --cfg job   # every key with the value that will be used
 """
 

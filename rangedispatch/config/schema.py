@@ -241,8 +241,10 @@ class HardwareConfig:
     # decoding, where coordinate-descent tuning turns each 1-row matmul into a tuned reduction).
     # Added to dispatch.compile_sizes; those above dispatch.max_num_tokens are not used.
     compile_sizes: list[int] = field(default_factory=list)
-    # The same for token counts that replay CUDA graphs (dispatch.cudagraph_sizes), measured with
-    # graphs: the host's launch costs are gone there, so another graph may win. null: compile_sizes.
+    # The same for the token counts in dispatch.cudagraph_sizes, measured with CUDA graphs: the
+    # host's launch costs are gone there, so another graph may win. It decides only for those counts
+    # (compile_sizes decides for the others); [] gives them no graph of their own, null (the
+    # default) takes compile_sizes for them too.
     compile_sizes_with_cudagraphs: Optional[list[int]] = None
     # The decode ranges: ranges ending at or below this many tokens get the skinny-GEMM pass
     # (compile.skinny_gemm); this count and each power of two from 16 below it (16, 32, 64, ...)
@@ -280,6 +282,9 @@ class HardwareConfig:
         self.thresholds = normalized
         self.compile_sizes = check_int_list(f"{k}.compile_sizes", self.compile_sizes, lo=1)
         if self.compile_sizes_with_cudagraphs is not None:
+            if not isinstance(self.compile_sizes_with_cudagraphs, (list, tuple)):
+                raise fail(f"{k}.compile_sizes_with_cudagraphs", self.compile_sizes_with_cudagraphs,
+                           "null or a list of integers >= 1")
             self.compile_sizes_with_cudagraphs = check_int_list(
                 f"{k}.compile_sizes_with_cudagraphs", self.compile_sizes_with_cudagraphs, lo=1)
 
